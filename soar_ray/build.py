@@ -1,0 +1,96 @@
+"""Objects from a validated job config: the model, the training dataset and its sampler.
+
+Every process that needs one (the driver, each learner, each rollout worker) builds it here, so
+all of them agree on weights, data and batch order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from soar_ray.config import JobConfig
+from soar_ray.data import (
+    BucketBatchSampler,
+    ImageCaptionDataset,
+    LatentCacheDataset,
+    make_synthetic_set,
+)
+from soar_ray.models import SD3Model, build_model
+from soar_ray.models.sd3 import move
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_identity(job: JobConfig) -> str:
+    """What a latent cache must have been encoded with: weights and prompt length."""
+    weights = f"pretrained:{Path(job.model.pretrained).resolve()}" if job.model.pretrained else (
+        f"preset:{job.model.preset}:seed{job.seed}"
+    )  # fmt: skip
+    return f"{weights}|t5_max_length={job.model.t5_max_length}"
+
+
+def build_sd3(
+    job: JobConfig,
+    device: torch.device | str = "cpu",
+    *,
+    components: tuple[str, ...] | None = None,
+) -> SD3Model:
+    """The job's model: transformer in the training precision, frozen parts in their dtypes.
+
+    Random presets are seeded with the job seed, so every rank builds identical weights.
+    """
+    source = {"pretrained": job.model.pretrained} if job.model.pretrained else {
+        "preset": job.model.preset
+    }  # fmt: skip
+    kwargs = {"components": components} if components is not None else {}
+    model = build_model(
+        **source,
+        **kwargs,
+        device=device,
+        dtype=DTYPES[job.deepspeed.precision],
+        encoder_dtype=DTYPES[job.model.dtype],
+        seed=job.seed,
+        max_sequence_length=job.model.t5_max_length,
+    )
+    if model.vae is not None:
+        move(model.vae, device, DTYPES[job.model.vae_dtype])
+    return model
+
+
+def build_dataset(job: JobConfig) -> ImageCaptionDataset | LatentCacheDataset:
+    """The training set of `job.data.source`: synthetic (generated once), jsonl or cache."""
+    data = job.data
+    if data.source == "cache":
+        return LatentCacheDataset(
+            data.cache_dir, model_id=model_identity(job), max_samples=data.max_samples
+        )
+    if data.source == "synthetic":
+        synthetic = make_synthetic_set(
+            job.synthetic_path,
+            data.synthetic.num_images,
+            seed=data.synthetic.seed,
+            buckets=[tuple(r) for r in data.synthetic.resolutions],
+        )
+        jsonl_path, image_dir = synthetic.jsonl_path, synthetic.image_dir
+    else:
+        jsonl_path, image_dir = Path(data.jsonl), Path(data.image_dir)
+    return ImageCaptionDataset(
+        jsonl_path,
+        image_dir,
+        on_bad_sample=data.on_bad_sample,
+        max_samples=data.max_samples,
+        caption_key=data.caption_key,
+        random_flip=data.flip,
+        seed=job.seed,
+    )
+
+
+def build_sampler(
+    job: JobConfig, dataset: ImageCaptionDataset | LatentCacheDataset, rank: int, world_size: int
+) -> BucketBatchSampler:
+    """Bucketed batches of `data.batch_size` for one data-parallel rank."""
+    return BucketBatchSampler(
+        dataset.buckets, job.data.batch_size, rank=rank, world_size=world_size, seed=job.seed
+    )

@@ -1,0 +1,97 @@
+"""`soar-ray run | prepare | config`: the command line of soar_ray."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from soar_ray.config import ConfigError, JobConfig, dump_config, load_job
+
+
+def _job(args: argparse.Namespace) -> JobConfig:
+    return load_job(args.job, args.overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Train every stage of the job; results land in the run folder."""
+    from soar_ray.stages.pipeline import check_pipeline, run_pipeline
+
+    job = _job(args)
+    check_pipeline(job)
+    job.validate_paths()
+    run_dir = job.output_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(job))
+    print(f"soar-ray: job {job.name!r}, {len(job.stages)} stage(s), run folder {run_dir}")
+    outputs = run_pipeline(job, run_dir)
+    for name, path in zip(job.stage_names, outputs):
+        print(f"soar-ray: stage {name} -> {path}")
+    print(f"soar-ray: metrics {run_dir / 'metrics.jsonl'}, samples {run_dir / 'samples'}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Encode the job's images and captions into a Parquet latent cache."""
+    from soar_ray.build import build_dataset, build_sd3, model_identity
+    from soar_ray.data import ImageCaptionDataset, write_latent_cache
+
+    job = _job(args)
+    job.validate_paths()
+    dataset = build_dataset(job)
+    if not isinstance(dataset, ImageCaptionDataset):
+        raise ConfigError(
+            "data.source: 'cache' is already a cache; prepare reads jsonl or synthetic"
+        )
+    out_dir = Path(args.out or job.data.cache_dir or job.output_path / "cache")
+    model = build_sd3(job, components=("vae", "text_encoder", "text_encoder_2", "text_encoder_3"))
+    manifest = write_latent_cache(
+        dataset, out_dir, encode_images=model.encode_images, encode_prompts=model.encode_prompts,
+        model_id=model_identity(job), batch_size=args.batch_size,
+        dtype={"fp16": "float16", "fp32": "float32"}[job.data.cache_dtype],
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"soar-ray: cached {len(dataset)} samples -> {manifest.parent}")
+    print(f"soar-ray: train from it with --set data.source=cache --set data.cache_dir={out_dir}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved config (defaults, job file and overrides merged)."""
+    print(dump_config(_job(args)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="soar-ray", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("job", help="job file, e.g. jobs/tiny.yaml")
+        sub.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="KEY=VALUE", help="override a field, e.g. stages.0.lambda_aux=0")  # fmt: skip
+        sub.set_defaults(func=func)
+        return sub
+
+    add("run", cmd_run, "train the job's stages")
+    prepare = add("prepare", cmd_prepare, "write the Parquet latent/embedding cache")
+    prepare.add_argument("--out", help="cache folder (default: data.cache_dir or RUN/cache)")
+    prepare.add_argument("--batch-size", type=int, default=16, help="images per encode batch")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing cache")
+    add("config", cmd_config, "print the resolved config")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        # User errors: one clear line, no traceback.
+        print(f"soar-ray: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Parquet cache of VAE latents and text embeddings, read back as a bucketed dataset.
+
+Folder layout:
+  shard-00000.parquet ...  rows grouped by bucket; one Parquet row group per encoded batch
+  uncond.parquet           one row: the cond of the empty prompt "" (CFG and cond dropout need it,
+                           so a run from the cache needs no text encoder)
+  manifest.json            written last (atomically): its presence marks a complete cache
+Shard columns (uncond.parquet holds only the cond columns):
+  md5 string, caption string, bw int32, bh int32
+  latents        binary        raw little-endian bytes, C order, dtype from the manifest
+  latents_shape  list<int32>   [C, h, w]; varies with the bucket
+  cond.<key>     binary        one column per cond key (e.g. cond.prompt_embeds); the per-sample
+                               shape is fixed for the cache and kept in the manifest
+Precision: tensors are stored as float32 (the default, exact) or float16 (half the size, rounded);
+non-finite values and values beyond the float16 range are refused, never stored as inf. The
+reader returns float32 tensors.
+manifest.json: schema_version, model_id, dtype, num_rows, shards [{file, num_rows}],
+buckets {"WxH": {num_rows, latent_shape}}, cond_shapes {key: shape}, skipped {reason: count}.
+`model_id` is the identity string the caller passes (model, preset, weights revision); the reader
+refuses a cache built with any other.
+"""
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from soar_ray.data.dataset import ImageCaptionDataset, collate_samples
+
+SCHEMA_VERSION = 1
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+MANIFEST = "manifest.json"
+UNCOND = "uncond.parquet"
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+_MANIFEST_FIELDS = {
+    "schema_version": int,
+    "model_id": str,
+    "dtype": str,
+    "num_rows": int,
+    "shards": list,
+    "cond_shapes": dict,
+}
+# Decoded row groups kept by the reader: a batch's samples often share one.
+_NUM_CACHED_GROUPS = 8
+
+
+def _schema(cond_keys: list[str], with_sample_columns: bool = True) -> pa.Schema:
+    """Arrow schema of a shard (or of uncond.parquet without the sample columns)."""
+    fields = [pa.field(f"cond.{key}", pa.binary()) for key in cond_keys]
+    if not with_sample_columns:
+        return pa.schema(fields)
+    sample_fields = [
+        pa.field("md5", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("bw", pa.int32()),
+        pa.field("bh", pa.int32()),
+        pa.field("latents", pa.binary()),
+        pa.field("latents_shape", pa.list_(pa.int32())),
+    ]
+    return pa.schema(sample_fields + fields)
+
+
+def _to_rows(name: str, x: torch.Tensor, num_rows: int, dtype: str) -> list[bytes]:
+    """Per-sample raw bytes of a batch-first tensor, checked before any precision loss."""
+    if x.ndim == 0 or x.shape[0] != num_rows:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected batch size {num_rows} first")
+    # Host-device sync when the encoders run on a GPU; float32 first so the checks see exact values.
+    x32 = x.detach().to("cpu", torch.float32)
+    if not torch.isfinite(x32).all():
+        raise ValueError(f"{name} has non-finite values; refusing to cache them")
+    if dtype == "float16" and x32.abs().max() > _FLOAT16_MAX:
+        raise ValueError(f"{name} exceeds the float16 range; cache with dtype='float32'")
+    array = np.ascontiguousarray(x32.numpy().astype(DTYPES[dtype]))
+    return [array[i].tobytes() for i in range(num_rows)]
+
+
+def _encode_cond(
+    encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
+    captions: list[str],
+    cond_shapes: dict[str, list[int]],
+    dtype: str,
+) -> dict[str, list[bytes]]:
+    """Encode captions; the first call fixes the cond keys and per-sample shapes."""
+    cond = encode_prompts(captions)
+    if not cond_shapes:
+        cond_shapes.update({key: list(value.shape[1:]) for key, value in sorted(cond.items())})
+    if sorted(cond) != sorted(cond_shapes):
+        raise ValueError(
+            f"encode_prompts returned keys {sorted(cond)}, earlier {sorted(cond_shapes)}"
+        )
+    columns = {}
+    for key, value in cond.items():
+        if list(value.shape[1:]) != cond_shapes[key]:
+            shape = list(value.shape[1:])
+            raise ValueError(f"cond {key!r} per-sample shape {shape} != {cond_shapes[key]}")
+        columns[f"cond.{key}"] = _to_rows(f"cond {key!r}", value, len(captions), dtype)
+    return columns
+
+
+def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a complete cache unless asked; clear leftovers of a partial one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / MANIFEST).exists() and not overwrite:
+        raise ValueError(f"{out_dir / MANIFEST} exists; pass overwrite=True to rebuild the cache")
+    for path in [out_dir / MANIFEST, out_dir / UNCOND, *out_dir.glob("shard-*.parquet")]:
+        path.unlink(missing_ok=True)
+
+
+def _encode_batch(
+    batch: dict[str, Any],
+    encode_images: Callable[[torch.Tensor], torch.Tensor],
+    encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
+    cond_shapes: dict[str, list[int]],
+    dtype: str,
+) -> dict[str, list[Any]]:
+    """Shard columns of one collated batch."""
+    num_rows = len(batch["md5"])
+    latents = encode_images(batch["pixels"])
+    return {
+        "md5": batch["md5"],
+        "caption": batch["caption"],
+        "bw": [batch["bw"]] * num_rows,
+        "bh": [batch["bh"]] * num_rows,
+        "latents": _to_rows("latents", latents, num_rows, dtype),
+        "latents_shape": [list(latents.shape[1:])] * num_rows,
+        **_encode_cond(encode_prompts, batch["caption"], cond_shapes, dtype),
+    }
+
+
+def _bucket_chunks(buckets: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped by bucket (sorted) and cut into batches: every batch stacks."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, bucket in enumerate(buckets):
+        by_bucket.setdefault(bucket, []).append(index)
+    return [
+        by_bucket[bucket][start : start + batch_size]
+        for bucket in sorted(by_bucket)
+        for start in range(0, len(by_bucket[bucket]), batch_size)
+    ]
+
+
+def write_latent_cache(
+    dataset: ImageCaptionDataset,
+    out_dir: str | Path,
+    *,
+    encode_images: Callable[[torch.Tensor], torch.Tensor],
+    encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
+    model_id: str,
+    batch_size: int = 16,
+    rows_per_shard: int = 1024,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """Encode every sample of `dataset` into a cache folder; returns the manifest path."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size <= 0 or rows_per_shard <= 0:
+        raise ValueError(f"batch_size={batch_size}, rows_per_shard={rows_per_shard}: need > 0")
+    if dataset.random_flip:
+        raise ValueError("a latent cache stores one view per image; use random_flip=False")
+    out_dir = Path(out_dir)
+    _prepare_folder(out_dir, overwrite)
+    cond_shapes: dict[str, list[int]] = {}
+    shards: list[dict[str, Any]] = []
+    buckets: dict[str, dict[str, Any]] = {}
+    writer: pq.ParquetWriter | None = None
+    with torch.inference_mode(), tqdm(total=len(dataset), unit="img", desc="cache") as bar:
+        for chunk in _bucket_chunks(dataset.buckets, batch_size):
+            batch = collate_samples([dataset.get(index, epoch=0) for index in chunk])
+            columns = _encode_batch(batch, encode_images, encode_prompts, cond_shapes, dtype)
+            # Shards close at batch boundaries, so one may exceed rows_per_shard by a batch.
+            if writer is None or shards[-1]["num_rows"] >= rows_per_shard:
+                if writer is not None:
+                    writer.close()
+                shards.append({"file": f"shard-{len(shards):05d}.parquet", "num_rows": 0})
+                writer = pq.ParquetWriter(
+                    out_dir / shards[-1]["file"], _schema(sorted(cond_shapes))
+                )
+            writer.write_table(pa.table(columns, schema=_schema(sorted(cond_shapes))))
+            shards[-1]["num_rows"] += len(chunk)
+            bucket = buckets.setdefault(
+                f"{batch['bw']}x{batch['bh']}",
+                {"num_rows": 0, "latent_shape": columns["latents_shape"][0]},
+            )
+            bucket["num_rows"] += len(chunk)
+            bar.update(len(chunk))
+        if writer is not None:
+            writer.close()
+        uncond = _encode_cond(encode_prompts, [""], cond_shapes, dtype)
+    uncond_schema = _schema(sorted(cond_shapes), with_sample_columns=False)
+    pq.write_table(pa.table(uncond, schema=uncond_schema), out_dir / UNCOND)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "model_id": model_id,
+        "dtype": dtype,
+        "num_rows": len(dataset),
+        "shards": shards,
+        "buckets": buckets,
+        "cond_shapes": cond_shapes,
+        "skipped": dict(dataset.skipped),
+    }
+    staging = out_dir / f"{MANIFEST}.partial"
+    staging.write_text(json.dumps(manifest, indent=2))
+    os.replace(staging, out_dir / MANIFEST)
+    return out_dir / MANIFEST
+
+
+def _check_fields(path: Path, obj: Any, fields: dict[str, type]) -> None:
+    """Raise naming `path` unless `obj` is a dict holding `fields` with those types."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is corrupt: expected a JSON object, got {type(obj).__name__}")
+    for key, expected in fields.items():
+        if not isinstance(obj.get(key), expected):
+            raise ValueError(f"{path} is corrupt: field {key!r} missing or not {expected.__name__}")
+
+
+def read_manifest(cache_dir: Path, model_id: str) -> dict[str, Any]:
+    """Load manifest.json; refuses a corrupt one, another schema version or another model."""
+    path = cache_dir / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{path} not found: {cache_dir} is not a complete latent cache")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt: {e}") from e
+    _check_fields(path, manifest, _MANIFEST_FIELDS)
+    for shard in manifest["shards"]:
+        _check_fields(path, shard, {"file": str, "num_rows": int})
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: schema_version {manifest['schema_version']}, "
+            f"this reader needs {SCHEMA_VERSION}; rebuild the cache"
+        )
+    if manifest["model_id"] != model_id:
+        raise ValueError(
+            f"{path}: cache built with model {manifest['model_id']!r}, this run "
+            f"uses {model_id!r}; rebuild the cache for this model"
+        )
+    if manifest["dtype"] not in DTYPES:
+        raise ValueError(f"{path} is corrupt: dtype {manifest['dtype']!r} not in {sorted(DTYPES)}")
+    return manifest
+
+
+def _open_parquet(path: Path, expected: pa.Schema) -> pq.ParquetFile:
+    """Open a cache Parquet file and check its columns; errors name the file."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path} is not a readable Parquet file ({e})") from e
+    if not parquet.schema_arrow.equals(expected):
+        raise ValueError(
+            f"{path} has columns {parquet.schema_arrow.names}, expected {expected.names}"
+        )
+    return parquet
+
+
+class LatentCacheDataset(torch.utils.data.Dataset):
+    """Cached samples: md5, caption, bw, bh, latents [C, h, w] and cond {key: tensor}."""
+
+    def __init__(
+        self, cache_dir: str | Path, *, model_id: str, max_samples: int | None = None
+    ) -> None:
+        if max_samples is not None and max_samples <= 0:
+            raise ValueError(f"max_samples must be positive or None, got {max_samples}")
+        self.cache_dir = Path(cache_dir)
+        self.manifest = read_manifest(self.cache_dir, model_id)
+        self.cond_shapes: dict[str, list[int]] = self.manifest["cond_shapes"]
+        self._np_dtype = DTYPES[self.manifest["dtype"]]
+        self._files: dict[int, pq.ParquetFile] = {}
+        # Decoded row groups, most recent last.
+        self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self.rows: list[dict[str, Any]] = []
+        self._where: list[tuple[int, int, int]] = []  # (shard, row group, row in group)
+        for shard_index in range(len(self.manifest["shards"])):
+            self._index_shard(shard_index)
+        if len(self.rows) != self.manifest["num_rows"]:
+            raise ValueError(
+                f"{self.cache_dir / MANIFEST}: num_rows {self.manifest['num_rows']} "
+                f"but the shards hold {len(self.rows)}"
+            )
+        self.rows, self._where = self.rows[:max_samples], self._where[:max_samples]
+
+    def _path(self, shard_index: int) -> Path:
+        return self.cache_dir / self.manifest["shards"][shard_index]["file"]
+
+    def _index_shard(self, shard_index: int) -> None:
+        path, parquet = self._path(shard_index), self._file(shard_index)
+        num_rows = self.manifest["shards"][shard_index]["num_rows"]
+        if parquet.metadata.num_rows != num_rows:
+            raise ValueError(f"{path} holds {parquet.metadata.num_rows} rows, manifest {num_rows}")
+        try:
+            self.rows.extend(parquet.read(columns=["md5", "caption", "bw", "bh"]).to_pylist())
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"{path} is corrupt ({e})") from e
+        for group in range(parquet.num_row_groups):
+            num_group_rows = parquet.metadata.row_group(group).num_rows
+            self._where.extend((shard_index, group, row) for row in range(num_group_rows))
+
+    def _file(self, shard_index: int) -> pq.ParquetFile:
+        if shard_index not in self._files:
+            schema = _schema(sorted(self.cond_shapes))
+            self._files[shard_index] = _open_parquet(self._path(shard_index), schema)
+        return self._files[shard_index]
+
+    def _row_group(self, shard_index: int, group: int) -> pa.Table:
+        key = (shard_index, group)
+        if key not in self._groups:
+            try:
+                self._groups[key] = self._file(shard_index).read_row_group(group)
+            except (OSError, pa.ArrowException) as e:
+                path = self._path(shard_index)
+                raise ValueError(f"{path}: row group {group} is corrupt ({e})") from e
+            if len(self._groups) > _NUM_CACHED_GROUPS:
+                self._groups.popitem(last=False)
+        self._groups.move_to_end(key)
+        return self._groups[key]
+
+    def _tensor(
+        self, table: pa.Table, column: str, row: int, shape: list[int], where: str
+    ) -> torch.Tensor:
+        """Decode one stored tensor cell to float32; a wrong byte count names the cell."""
+        blob = table.column(column)[row].as_py()
+        expected = int(np.prod(shape)) * self._np_dtype.itemsize
+        if len(blob) != expected:
+            raise ValueError(f"{where}, {column}: {len(blob)} bytes, {expected} for shape {shape}")
+        return torch.from_numpy(np.frombuffer(blob, self._np_dtype).reshape(shape).astype("f4"))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """The (bw, bh) bucket of every index, for BucketBatchSampler."""
+        return [(row["bw"], row["bh"]) for row in self.rows]
+
+    def set_epoch(self, epoch: int) -> None:
+        """No-op: cached samples carry no random augmentation (same API as the image dataset)."""
+
+    def get(self, index: int, epoch: int = 0) -> dict[str, Any]:
+        """Sample `index`; `epoch` is unused (cached samples are fixed)."""
+        shard_index, group, row = self._where[index]
+        table = self._row_group(shard_index, group)
+        where = f"{self._path(shard_index)} row group {group} row {row}"
+        shape = table.column("latents_shape")[row].as_py()
+        cond = {
+            key: self._tensor(table, f"cond.{key}", row, key_shape, where)
+            for key, key_shape in self.cond_shapes.items()
+        }
+        latents = self._tensor(table, "latents", row, shape, where)
+        return {**self.rows[index], "latents": latents, "cond": cond}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.get(index)
+
+    def uncond_cond(self) -> dict[str, torch.Tensor]:
+        """Cond of the empty prompt, batch of 1 (shared contract: batch-first tensors)."""
+        path = self.cache_dir / UNCOND
+        schema = _schema(sorted(self.cond_shapes), with_sample_columns=False)
+        try:
+            table = _open_parquet(path, schema).read()
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"{path} is corrupt ({e})") from e
+        return {
+            key: self._tensor(table, f"cond.{key}", 0, shape, str(path))[None]
+            for key, shape in self.cond_shapes.items()
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open Parquet handles do not pickle; DataLoader workers reopen them lazily.
+        return {**self.__dict__, "_files": {}, "_groups": OrderedDict()}

@@ -1,0 +1,1 @@
+"""Stage drivers: one readable loop per algorithm."""

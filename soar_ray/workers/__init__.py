@@ -1,0 +1,1 @@
+"""Plain classes doing the work (learner, rollout, scorer), testable without Ray."""

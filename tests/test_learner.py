@@ -1,0 +1,102 @@
+import math
+
+import pytest
+import torch
+
+from soar_ray.config import EmaConfig, OptimizerConfig, load_job
+from soar_ray.workers.learner import Ema, LocalEngine, lr_factor
+
+JOB = "jobs/tiny.yaml"
+
+
+def test_lr_factor_constant_and_warmup():
+    assert lr_factor(0, OptimizerConfig()) == 1.0
+    warm = OptimizerConfig(lr_schedule="warmup", warmup_steps=4)
+    assert [lr_factor(s, warm) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_ema_warmup_decay_by_hand():
+    p = torch.nn.Parameter(torch.tensor([0.0]))
+    ema = Ema([p], EmaConfig(enabled=True, decay=0.9, every=2))
+    with torch.no_grad():
+        p.fill_(10.0)
+    ema.after_step(1)  # not a multiple of `every`: no update
+    assert ema.shadow[0].item() == 0.0
+    ema.after_step(2)  # n = 0: decay min(1/10, 0.9) = 0.1 -> 0.1 * 0 + 0.9 * 10
+    assert ema.shadow[0].item() == pytest.approx(9.0)
+    with torch.no_grad():
+        p.fill_(20.0)
+    ema.after_step(4)  # n = 1: decay 2/11 -> 2/11 * 9 + 9/11 * 20
+    assert ema.shadow[0].item() == pytest.approx(2 / 11 * 9 + 9 / 11 * 20)
+
+
+def _linear_problem(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    return model, x, y
+
+
+def test_local_engine_accumulation_equals_one_big_batch():
+    cfg = OptimizerConfig(lr=0.1, weight_decay=0.0, grad_clip=0.0)
+    big, x, y = _linear_problem()
+    engine = LocalEngine(list(big.parameters()), cfg)
+    engine.backward(((big(x) - y) ** 2).mean())
+    engine.step()
+
+    acc, _, _ = _linear_problem()
+    engine = LocalEngine(list(acc.parameters()), cfg, gradient_accumulation_steps=2)
+    for half in (slice(0, 4), slice(4, 8)):
+        engine.backward(((acc(x[half]) - y[half]) ** 2).mean())
+        engine.step()
+    assert engine.global_steps == 1 and engine.micro_steps == 2
+    for a, b in zip(big.parameters(), acc.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_local_engine_clips_to_max_norm():
+    model, x, y = _linear_problem()
+    engine = LocalEngine(list(model.parameters()), OptimizerConfig(lr=1.0, grad_clip=1e-3))
+    engine.backward(1e3 * ((model(x) - y) ** 2).mean())
+    grads = [p.grad.clone() for p in model.parameters()]
+    engine.step()
+    norm = math.sqrt(sum(float((g**2).sum()) for g in grads))
+    assert engine.get_global_grad_norm() == pytest.approx(norm, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("learner")
+    return load_job(JOB, [f"output_dir={out}", "data.synthetic.num_images=16"])
+
+
+def _learner(job, **stage_overrides):
+    from soar_ray.build import build_sd3
+    from soar_ray.workers.learner import SoarLearner
+
+    stage = job.stages[0].model_copy(update=stage_overrides)
+    return SoarLearner(build_sd3(job), stage, seed=job.seed)
+
+
+def _batch(job):
+    from soar_ray.build import build_dataset
+    from soar_ray.data import collate_samples
+
+    dataset = build_dataset(job)
+    return collate_samples([dataset.get(i, 0) for i in range(4)])
+
+
+def test_soar_step_trains_every_transformer_weight_and_reports(tiny_job):
+    learner = _learner(tiny_job)
+    before = [p.detach().clone() for p in learner.params]
+    metrics = learner.train_step(_batch(tiny_job))
+    assert metrics["aux_points_per_sample"] == 6.0  # M = 1 path, P = 6 points, every sample
+    assert all(math.isfinite(metrics[k]) for k in ("loss", "loss_main", "loss_aux", "grad_norm"))
+    changed = [not torch.equal(a, p) for a, p in zip(before, learner.params)]
+    assert sum(changed) > 0.9 * len(changed)
+
+
+def test_lambda_zero_is_sft(tiny_job):
+    metrics = _learner(tiny_job, lambda_aux=0.0).train_step(_batch(tiny_job))
+    assert metrics["aux_points_per_sample"] == 0.0
+    assert metrics["loss"] == pytest.approx(metrics["loss_main"])
