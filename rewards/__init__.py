@@ -14,7 +14,16 @@ from rewards.base import MissingCheckpointError, Reward, RewardOutput, build_wit
 
 # name -> "module:factory"; modules are imported on first use, so a reward's heavy
 # dependencies load only when that reward is asked for.
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {
+    "pickscore": "rewards.pickscore:PickScore",
+    "hpsv2": "rewards.hpsv2:HPSv2",
+    "clipscore": "rewards.clipscore:CLIPScore",
+    "aesthetic": "rewards.aesthetic:Aesthetic",
+    "imagereward": "rewards.imagereward:ImageReward",
+    "ocr": "rewards.ocr:OcrReward",
+    "geneval": "rewards.geneval:GenEvalReward",
+    "multi": "rewards.multi:MultiReward",
+}
 
 
 def names() -> list[str]:

@@ -142,7 +142,7 @@ def score_batches(
     batch_size: int,
     score_fn: Callable[[list[Image.Image], list[str]], Any],
 ) -> np.ndarray:
-    """`score_fn(rgb_images, prompts)` over consecutive batches -> float64 [N]; non-finite raises."""
+    """`score_fn(rgb_images, prompts)` over batches -> float64 scores [N]; non-finite ones raise."""
     chunks = []
     for image_batch, prompt_batch in zip(batched(images, batch_size), batched(prompts, batch_size)):
         pil_images = [to_pil(image) for image in image_batch]
