@@ -10,15 +10,17 @@ from pathlib import Path
 
 import torch
 
-from soar_ray.config import JobConfig
+from soar_ray.config import ConfigError, JobConfig, SoarStage
 from soar_ray.data import (
     BucketBatchSampler,
     ImageCaptionDataset,
     LatentCacheDataset,
     make_synthetic_set,
 )
-from soar_ray.models import SD3Model, build_model
+from soar_ray.models import COMPONENTS, SD3Model, build_model
 from soar_ray.models.sd3 import move
+from soar_ray.workers.engine import LocalEngine, build_deepspeed_engine, deepspeed_config
+from soar_ray.workers.learner import SoarLearner, prepare_stage_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,3 +96,77 @@ def build_sampler(
     return BucketBatchSampler(
         dataset.buckets, job.data.batch_size, rank=rank, world_size=world_size, seed=job.seed
     )
+
+
+def cache_uncond(job: JobConfig) -> dict[str, torch.Tensor] | None:
+    """The cached encoding of "" when training from a latent cache (no text encoder needed)."""
+    if job.data.source != "cache":
+        return None
+    return LatentCacheDataset(job.data.cache_dir, model_id=model_identity(job)).uncond_cond()
+
+
+def learner_components(job: JobConfig) -> tuple[str, ...]:
+    """What a learner must hold: the transformer alone when batches come from the latent cache
+    and rollout workers (or nobody) render the sample grids; else VAE and text encoders too."""
+    renders = job.logging.sample_every > 0 and job.cluster.num_rollout_workers == 0
+    if job.data.source == "cache" and not renders:
+        return ("transformer",)
+    return COMPONENTS
+
+
+def learner_device(job: JobConfig) -> torch.device:
+    """cuda (the one GPU Ray gave this actor) when learners hold GPUs, else cpu."""
+    if job.cluster.gpus_per_learner > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "cluster.gpus_per_learner > 0 but this learner process sees no CUDA device"
+            )
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_learner(
+    job: JobConfig,
+    stage_index: int,
+    model: SD3Model,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    distributed: bool = True,
+) -> SoarLearner:
+    """A SOAR learner for `job.stages[stage_index]` on `model`: a DeepSpeed engine when
+    `distributed` (the process group must be up), else the in-process LocalEngine."""
+    stage = job.stages[stage_index]
+    if not isinstance(stage, SoarStage):
+        raise ConfigError(
+            f"stages.{stage_index}.algorithm: {stage.algorithm!r} has no SOAR learner"
+        )
+    params = prepare_stage_model(model.transformer, stage, seed=job.seed)
+    if job.deepspeed.activation_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    if distributed:
+        config = deepspeed_config(
+            job.deepspeed, stage.optimizer, micro_batch_size=job.data.batch_size,
+            gradient_accumulation_steps=stage.gradient_accumulation_steps, world_size=world_size,
+        )  # fmt: skip
+        engine = build_deepspeed_engine(model.transformer, params, config, stage.optimizer)
+        all_reduce = all_reduce_sum if world_size > 1 else None
+    else:
+        engine = LocalEngine(params, stage.optimizer, stage.gradient_accumulation_steps)
+        all_reduce = None
+    return SoarLearner(
+        model, stage, engine, params, seed=job.seed, rank=rank, world_size=world_size,
+        all_reduce=all_reduce, uncond=cache_uncond(job), zero_stage=job.deepspeed.zero_stage if distributed else 0,
+    )  # fmt: skip
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the learners' process group (moved to the backend's device and back)."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else (
+        torch.device("cpu")
+    )  # fmt: skip
+    reduced = tensor.to(device)
+    dist.all_reduce(reduced)
+    return reduced.to(tensor.device)

@@ -1,9 +1,10 @@
-"""`soar-ray run | prepare | config`: the command line of soar_ray."""
+"""`soar-ray run | prepare | config | rewards`: the command line of soar_ray."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from soar_ray.config import ConfigError, JobConfig, dump_config, load_job
@@ -15,6 +16,7 @@ def _job(args: argparse.Namespace) -> JobConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Train every stage of the job; results land in the run folder."""
+    from soar_ray.cluster.session import RayConnectionError, ray_session
     from soar_ray.stages.pipeline import check_pipeline, run_pipeline
 
     job = _job(args)
@@ -24,7 +26,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(job))
     print(f"soar-ray: job {job.name!r}, {len(job.stages)} stage(s), run folder {run_dir}")
-    outputs = run_pipeline(job, run_dir)
+    with ExitStack() as stack:
+        try:
+            session = stack.enter_context(ray_session(job.cluster))
+        except RayConnectionError as exc:
+            print(f"soar-ray: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"soar-ray: Ray at {session.address}, dashboard {session.dashboard_url or 'off'}, "
+              f"metrics {session.metrics_url}")  # fmt: skip
+        outputs = run_pipeline(job, run_dir)
     for name, path in zip(job.stage_names, outputs):
         print(f"soar-ray: stage {name} -> {path}")
     print(f"soar-ray: metrics {run_dir / 'metrics.jsonl'}, samples {run_dir / 'samples'}")
@@ -80,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--batch-size", type=int, default=16, help="images per encode batch")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     add("config", cmd_config, "print the resolved config")
+    from soar_ray.reward_commands import add_reward_commands
+
+    add_reward_commands(commands)
     return parser
 
 

@@ -1,22 +1,51 @@
-"""Run metrics: a JSONL log, TensorBoard event files and sample-image grids in the run folder."""
+"""Run metrics: a JSONL log, TensorBoard event files and sample-image grids in the run folder, and
+Ray metrics (`soar_ray_*` gauges) that the head's Prometheus endpoint and the dashboard show."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from ray.util.metrics import Gauge
+
+RAY_METRIC_PREFIX = "soar_ray_"
+RAY_METRIC_RENAMES = {"samples_per_s": "samples_per_second"}
+RAY_METRIC_HELP = {
+    "step": "Stage iteration: SOAR step or GRPO epoch",
+    "loss": "Training loss of the last logged step",
+    "loss_aux": "SOAR auxiliary (self-correction) loss",
+    "samples_per_second": "Training samples per second over all learners",
+    "policy_version": "Optimizer updates of the policy so far",
+    "staleness": "Policy versions between the rollout policy and the learners",
+    "checkpoint_seconds": "Seconds the last checkpoint took",
+}
+RAY_TAG_KEYS = ("job", "stage")
+_GAUGES: dict[str, Gauge] = {}
 
 
 class MetricsLogger:
-    """Writes one JSON object per step to `metrics.jsonl` and scalars to TensorBoard."""
+    """Writes one JSON object per step to `metrics.jsonl` and scalars to TensorBoard; with
+    `ray_metrics`, and Ray initialised in this process, also exports them as Ray gauges."""
 
-    def __init__(self, run_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        jsonl: bool = True,
+        tensorboard: bool = True,
+        ray_metrics: bool = False,
+        job_name: str | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Line-buffered so a crashed run keeps every step it finished.
@@ -28,6 +57,9 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._ray = None
+        if ray_metrics and ray.is_initialized():
+            self._ray = RayMetricsSink(job_name or self.run_dir.name)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record `metrics` for `step`; non-finite losses are kept as they are (null in JSON)."""
@@ -38,6 +70,8 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
+        if self._ray is not None:
+            self._ray.record(step, metrics)
 
     def log_image(self, tag: str, path: str | Path, step: int) -> None:
         """Add a saved PNG to TensorBoard's image tab."""
@@ -52,12 +86,101 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._ray is not None:
+            self._ray.close()
+            self._ray = None
 
     def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ray_metric_name(key: str) -> str:
+    """`soar_ray_<key>` in Prometheus' alphabet; `samples_per_s` becomes `samples_per_second`."""
+    key = RAY_METRIC_RENAMES.get(key, key)
+    return RAY_METRIC_PREFIX + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def ray_gauge(name: str) -> Gauge:
+    """The process-wide gauge `name`, created on first use and tagged by job and stage."""
+    if name not in _GAUGES:
+        short = name.removeprefix(RAY_METRIC_PREFIX)
+        help_text = RAY_METRIC_HELP.get(short, f"Training metric {short}")
+        _GAUGES[name] = Gauge(name, description=help_text, tag_keys=RAY_TAG_KEYS)
+    return _GAUGES[name]
+
+
+def ray_report_interval_s() -> float:
+    """Seconds between exports of a process's metrics to its node's agent (Ray floors it at 1)."""
+    # Ray reads its config from RAY_<name> variables, names in their own lower case.
+    interval_ms = os.environ.get("RAY_metrics_report_interval_ms", "10000")  # noqa: SIM112
+    return max(float(interval_ms) / 1000, 1.0)
+
+
+class RayMetricsSink:
+    """Numeric scalars as Ray gauges `soar_ray_<name>` (Prometheus: `ray_soar_ray_<name>`).
+
+    Ray's agent forgets a gauge that was not set for two report intervals, so a thread sets the
+    latest values again every half interval: a slow step or epoch stays on the dashboard. A
+    non-finite value (which Ray drops) removes its gauge until the next finite one.
+    """
+
+    def __init__(self, job: str, *, refresh_s: float | None = None) -> None:
+        if not ray.is_initialized():
+            raise RuntimeError("RayMetricsSink: Ray is not initialised in this process")
+        self.job, self.stage = job, ""
+        self._latest: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        period = refresh_s if refresh_s is not None else ray_report_interval_s() / 2
+        self._thread = threading.Thread(target=self._keep_alive, args=(period,), daemon=True,
+                                        name="soar-ray-metrics")  # fmt: skip
+        self._thread.start()
+
+    def record(self, step: int, metrics: dict[str, Any]) -> None:
+        """Set `soar_ray_step` and a gauge per numeric scalar of `metrics` (tag `stage` from it)."""
+        values = {"step": step, **metrics}
+        with self._lock:
+            stage = str(metrics.get("stage", ""))
+            if stage != self.stage:
+                # The previous stage's series stop being refreshed and leave the dashboard.
+                self._latest.clear()
+                self.stage = stage
+            for key, value in values.items():
+                scalar = _scalar(value)
+                if scalar is None:
+                    continue
+                name = ray_metric_name(key)
+                if math.isfinite(scalar):
+                    self._latest[name] = scalar
+                else:
+                    self._latest.pop(name, None)
+            self._set_all()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _set_all(self) -> None:
+        tags = {"job": self.job, "stage": self.stage}
+        for name, value in self._latest.items():
+            ray_gauge(name).set(value, tags=tags)
+
+    def _keep_alive(self, period_s: float) -> None:
+        while not self._stop.wait(period_s):
+            with self._lock:
+                self._set_all()
+
+
+def _scalar(value: Any) -> float | None:
+    """A metric value as a float, or None for text, flags and arrays."""
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 else None
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def test_tiny_job_is_the_cpu_default() -> None:
         256,
     )
     assert cfg.data.synthetic.resolutions == [(64, 64)] and cfg.data.batch_size == 4
-    assert (cfg.cluster.num_learners, cfg.cluster.gpus_per_learner) == (1, 0.0)
+    assert (cfg.cluster.num_learners, cfg.cluster.gpus_per_learner) == (2, 0.0)
+    assert cfg.cluster.num_rollout_workers == 1
     assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == (2, "fp32")
     assert (stage.num_steps, stage.optimizer.lr) == (60, 1e-3)
     assert (cfg.checkpoint.every, cfg.logging.sample_every) == (30, 30)
@@ -405,3 +406,20 @@ def test_configs_are_frozen_and_refuse_unknown_fields() -> None:
         stage.lambda_aux = 2.0  # type: ignore[misc]
     with pytest.raises(ValidationError, match="lambda_auxx"):
         SoarStage(lambda_auxx=2.0)  # type: ignore[call-arg]
+
+
+def test_reward_failure_policy_and_task_retries(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, MINIMAL)
+    assert cfg.cluster.max_task_retries == 3
+    cfg = load_text(
+        tmp_path,
+        MINIMAL,
+        ("rewards.ocr.on_bad_score=drop", "cluster.max_task_retries=0"),
+    )
+    assert cfg.rewards["ocr"].on_bad_score == "drop" and cfg.cluster.max_task_retries == 0
+    ocr = load_text(tmp_path, MINIMAL, ("rewards.ocr.device=cpu",)).rewards["ocr"]
+    assert ocr.on_bad_score == "error"
+    with pytest.raises(ConfigError, match="rewards.ocr.on_bad_score"):
+        load_text(tmp_path, MINIMAL, ("rewards.ocr.on_bad_score=skip",))
+    with pytest.raises(ConfigError, match="cluster.max_task_retries"):
+        load_text(tmp_path, MINIMAL, ("cluster.max_task_retries=-1",))

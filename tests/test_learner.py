@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from soar_ray.config import EmaConfig, OptimizerConfig, load_job
-from soar_ray.workers.learner import Ema, LocalEngine, lr_factor
+from soar_ray.workers.engine import LocalEngine, lr_factor
+from soar_ray.workers.learner import Ema
 
 JOB = "jobs/tiny.yaml"
 
@@ -71,11 +72,10 @@ def tiny_job(tmp_path_factory):
 
 
 def _learner(job, **stage_overrides):
-    from soar_ray.build import build_sd3
-    from soar_ray.workers.learner import SoarLearner
+    from soar_ray.build import build_learner, build_sd3
 
-    stage = job.stages[0].model_copy(update=stage_overrides)
-    return SoarLearner(build_sd3(job), stage, seed=job.seed)
+    job = job.model_copy(update={"stages": [job.stages[0].model_copy(update=stage_overrides)]})
+    return build_learner(job, 0, build_sd3(job), distributed=False)
 
 
 def _batch(job):

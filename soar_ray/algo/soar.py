@@ -296,6 +296,109 @@ def _batched_uncond(uncond: Cond, batch_size: int) -> Cond:
     return uncond
 
 
+@dataclass
+class SoarInputs:
+    """Everything the graded SOAR forward needs, drawn and rolled out without gradient.
+
+    A rollout worker can build it with a policy a few versions old (disaggregated mode); the
+    learner then only runs `soar_losses_from_inputs`.
+    """
+
+    z0: torch.Tensor
+    """[B, C, H, W] clean latents."""
+    cond: Cond
+    """Conditioning of the main and auxiliary points (uncond where the batch was dropped)."""
+    z1: torch.Tensor
+    """[B, C, H, W] noise endpoint shared by z_t0 and every re-noised point."""
+    t0: torch.Tensor
+    """[B] training time of the main point."""
+    drop_cond: bool
+    """Whether cond dropout replaced the batch's conditioning by uncond."""
+    points: list[AuxPoint]
+    """Auxiliary points in reference order (empty for SFT)."""
+
+    def to(self, device: torch.device | str) -> "SoarInputs":
+        """The same inputs on `device` (points included)."""
+        points = [
+            AuxPoint(p.indices.to(device), p.latents.to(device), p.sigmas.to(device),
+                     p.timesteps.to(device))
+            for p in self.points
+        ]  # fmt: skip
+        return SoarInputs(
+            self.z0.to(device), {k: v.to(device) for k, v in self.cond.items()},
+            self.z1.to(device), self.t0.to(device), self.drop_cond, points,
+        )  # fmt: skip
+
+
+@torch.no_grad()
+def prepare_soar_inputs(
+    denoiser: Denoiser,
+    z0: torch.Tensor,
+    cond: Cond,
+    uncond: Cond,
+    schedule: Schedule,
+    hp: SoarHyperParams,
+    *,
+    generator: torch.Generator | None = None,
+    z1: torch.Tensor | None = None,
+    t0: torch.Tensor | None = None,
+    drop_cond: bool | None = None,
+) -> SoarInputs:
+    """Steps 1, 2, 4 and 5 of SPEC §1: draws, cond dropout, the no-grad CFG rollout, aux points.
+
+    Draws (unless given): cond dropout, z1, t0, then the auxiliary points' draws; with no
+    generator they come from the global RNG in the reference's order.
+    """
+    num_batch = z0.shape[0]
+    if cond_batch_size(cond) != num_batch:
+        raise ValueError(f"cond batch {cond_batch_size(cond)} != latent batch {num_batch}")
+    uncond = _batched_uncond(uncond, num_batch)
+    drop_cond, z1, t0 = _draw_step_inputs(z0, hp, generator, z1, t0, drop_cond)
+    if drop_cond:
+        cond = uncond
+    points: list[AuxPoint] = []
+    if hp.lambda_aux > 0 and hp.trajectory_length > 0:
+        s0, ts0 = t_to_sigma_timestep(t0, schedule)
+        z_t0 = _noised(z0, z1, s0)
+        v_cfg = guided_velocity(denoiser, z_t0, ts0, cond, uncond, hp.cfg_scale_sampling)
+        points = build_aux_points(
+            z_t0, t0, v_cfg, z1, num_paths=hp.num_rollout_paths,
+            points_per_path=hp.trajectory_length, sigmas=schedule.sigmas,
+            timesteps=schedule.timesteps, num_sampling_steps=hp.num_sampling_steps,
+            rollout_kind=hp.rollout_kind, noise_scale=hp.noise_scale,
+            sigma_upper_ratio=hp.sigma_upper_ratio, generator=generator,
+        )  # fmt: skip
+    return SoarInputs(z0, cond, z1, t0, drop_cond, points)
+
+
+def _noised(z0: torch.Tensor, z1: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+    """z_t0 = (1 - s0) z0 + s0 z1."""
+    s = per_sample(s0, z0).to(z0.dtype)
+    return (1 - s) * z0 + s * z1
+
+
+def soar_losses_from_inputs(
+    denoiser: Denoiser, inputs: SoarInputs, schedule: Schedule, hp: SoarHyperParams
+) -> SoarLosses:
+    """Step 3 and the auxiliary losses of SPEC §1.5: the graded forward(s), per sample."""
+    z0, z1, cond, points = inputs.z0, inputs.z1, inputs.cond, inputs.points
+    s0, ts0 = t_to_sigma_timestep(inputs.t0, schedule)
+    z_t0 = _noised(z0, z1, s0)
+    target_main = z1.float() - z0.float()
+    items = [(z_t0, ts0, cond)]
+    items += [(p.latents, p.timesteps, index_cond(cond, p.indices)) for p in points]
+    predictions = _predict(denoiser, items, hp.fused)
+
+    main_B = weighted_mse(predictions[0], target_main, loss_weight(s0, hp.loss_weighting))
+    aux = [
+        weighted_mse(v, correction_target(p, z0), loss_weight(p.sigmas, hp.loss_weighting))
+        for v, p in zip(predictions[1:], points)
+    ]
+    losses = SoarLosses(main_B, aux, z0.shape[0], sum(p.indices.numel() for p in points))
+    losses.diagnostics = _diagnostics(losses, s0, points, inputs.drop_cond)
+    return losses
+
+
 def soar_losses(
     denoiser: Denoiser,
     z0: torch.Tensor,
@@ -309,46 +412,12 @@ def soar_losses(
     t0: torch.Tensor | None = None,
     drop_cond: bool | None = None,
 ) -> SoarLosses:
-    """Steps 1-5 of the SOAR training step (SPEC §1) on one rank's batch z0 [B, C, H, W].
-
-    Draws (unless given): cond dropout, z1, t0, then the auxiliary points' draws; with no
-    generator they come from the global RNG in the reference's order.
-    """
-    num_batch = z0.shape[0]
-    if cond_batch_size(cond) != num_batch:
-        raise ValueError(f"cond batch {cond_batch_size(cond)} != latent batch {num_batch}")
-    uncond = _batched_uncond(uncond, num_batch)
-    drop_cond, z1, t0 = _draw_step_inputs(z0, hp, generator, z1, t0, drop_cond)
-    if drop_cond:
-        cond = uncond
-    s0, ts0 = t_to_sigma_timestep(t0, schedule)
-    s = per_sample(s0, z0).to(z0.dtype)
-    z_t0 = (1 - s) * z0 + s * z1
-    target_main = z1.float() - z0.float()
-
-    points: list[AuxPoint] = []
-    if hp.lambda_aux > 0 and hp.trajectory_length > 0:
-        with torch.no_grad():  # the rollout is not trained through (SPEC §1.4)
-            v_cfg = guided_velocity(denoiser, z_t0, ts0, cond, uncond, hp.cfg_scale_sampling)
-        points = build_aux_points(
-            z_t0, t0, v_cfg, z1, num_paths=hp.num_rollout_paths,
-            points_per_path=hp.trajectory_length, sigmas=schedule.sigmas,
-            timesteps=schedule.timesteps, num_sampling_steps=hp.num_sampling_steps,
-            rollout_kind=hp.rollout_kind, noise_scale=hp.noise_scale,
-            sigma_upper_ratio=hp.sigma_upper_ratio, generator=generator,
-        )  # fmt: skip
-    inputs = [(z_t0, ts0, cond)]
-    inputs += [(p.latents, p.timesteps, index_cond(cond, p.indices)) for p in points]
-    predictions = _predict(denoiser, inputs, hp.fused)
-
-    main_B = weighted_mse(predictions[0], target_main, loss_weight(s0, hp.loss_weighting))
-    aux = [
-        weighted_mse(v, correction_target(p, z0), loss_weight(p.sigmas, hp.loss_weighting))
-        for v, p in zip(predictions[1:], points)
-    ]
-    losses = SoarLosses(main_B, aux, num_batch, sum(p.indices.numel() for p in points))
-    losses.diagnostics = _diagnostics(losses, s0, points, drop_cond)
-    return losses
+    """Steps 1-5 of the SOAR training step (SPEC §1) on one rank's batch z0 [B, C, H, W]."""
+    inputs = prepare_soar_inputs(
+        denoiser, z0, cond, uncond, schedule, hp, generator=generator, z1=z1, t0=t0,
+        drop_cond=drop_cond,
+    )  # fmt: skip
+    return soar_losses_from_inputs(denoiser, inputs, schedule, hp)
 
 
 def _predict(

@@ -144,6 +144,8 @@ class ClusterConfig(Section):
     """Seconds one remote call (train step, rollout, scoring) may take."""
     max_actor_restarts: NonNegInt = 3
     """Restarts of a failed rollout or reward actor before the job fails."""
+    max_task_retries: NonNegInt = 3
+    """Reruns of a reward-scoring call whose actor died mid-call (after Ray restarts the actor)."""
 
 
 class DeepSpeedConfig(Section):
@@ -216,6 +218,8 @@ class RewardConfig(Section):
     """Images per scoring call."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: cuda when the actor holds a GPU, else cpu."""
+    on_bad_score: Literal["error", "drop"] = "error"
+    """A scoring exception or NaN is an error naming reward and prompt, or drops the sample."""
 
 
 class JobConfig(Section):

@@ -1,10 +1,11 @@
-"""Step-indexed batches: batch k of a run is a pure function of k, so resume needs only the step.
+"""Step-indexed batches: step k's batches are a pure function of k, so resume needs only the step.
 
-A DataLoader over the steps (one item = one collated batch) prefetches in worker processes,
-while `BucketBatchSampler.batch_at(step)` keeps the batch order exact across restarts.
+A DataLoader over the steps (one item = the batches of every data-parallel rank for one step)
+prefetches in worker processes, while `BucketBatchSampler.batch_at(step)` keeps the batch order
+exact across restarts.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -20,33 +21,36 @@ class EpochDataset(Protocol):
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item k = the collated batch of step `first_step + k` for this sampler's rank."""
+    """Item k = [batch of rank r for step first_step + k, for r in ranks]."""
 
-    def __init__(self, dataset: EpochDataset, sampler: BucketBatchSampler, first_step: int,
-                 num_steps: int) -> None:  # fmt: skip
-        self.dataset, self.sampler = dataset, sampler
+    def __init__(self, dataset: EpochDataset, samplers: Sequence[BucketBatchSampler],
+                 first_step: int, num_steps: int) -> None:  # fmt: skip
+        self.dataset, self.samplers = dataset, list(samplers)
         self.first_step, self.num_steps = first_step, num_steps
 
     def __len__(self) -> int:
         return self.num_steps
 
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        epoch, indices = self.sampler.batch_at(self.first_step + k)
-        batch = collate_samples([self.dataset.get(i, epoch) for i in indices])
-        batch["epoch"] = epoch
-        return batch
+    def __getitem__(self, k: int) -> list[dict[str, Any]]:
+        batches = []
+        for sampler in self.samplers:
+            epoch, indices = sampler.batch_at(self.first_step + k)
+            batch = collate_samples([self.dataset.get(i, epoch) for i in indices])
+            batch["epoch"] = epoch
+            batches.append(batch)
+        return batches
 
 
 def iter_batches(
     dataset: EpochDataset,
-    sampler: BucketBatchSampler,
+    samplers: Sequence[BucketBatchSampler],
     *,
     first_step: int,
     num_steps: int,
     num_workers: int = 0,
-) -> Iterator[dict[str, Any]]:
-    """Batches of steps first_step .. first_step + num_steps - 1, prefetched by `num_workers`."""
-    steps = StepBatches(dataset, sampler, first_step, num_steps)
+) -> Iterator[list[dict[str, Any]]]:
+    """Per-rank batches of steps first_step .. first_step + num_steps - 1, prefetched."""
+    steps = StepBatches(dataset, samplers, first_step, num_steps)
     loader = torch.utils.data.DataLoader(
         steps,
         batch_size=None,  # items are whole batches already

@@ -1,96 +1,86 @@
-"""The SOAR stage driver: data -> learner step -> metrics -> samples -> stage output (SPEC §1).
+"""The SOAR stage driver (SPEC §1): data -> shards -> (rollout) -> learners -> metrics ->
+checkpoint -> samples, one loop read top to bottom.
 
-This driver runs one colocated learner in the driver's process. `lambda_aux: 0` runs plain
-flow-matching SFT through the same loop.
+`colocated`: every learner does its own no-grad CFG rollout (exactly the reference, on-policy).
+`disaggregated`: rollout workers build the aux points with a policy at most `max_staleness`
+versions old, while the learners train; every sample carries the version it was made with.
+`lambda_aux: 0` runs plain flow-matching SFT through the same loop.
 """
 
 from __future__ import annotations
 
-import copy
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import ray
 from tqdm import tqdm
 
-from soar_ray.build import build_dataset, build_sampler
-from soar_ray.config import ConfigError, JobConfig, SoarStage
-from soar_ray.data import LatentCacheDataset
-from soar_ray.data.loader import iter_batches
-from soar_ray.metrics import MetricsLogger, save_image_grid, to_uint8_images
-from soar_ray.models import SD3Model, has_lora, merge_lora, save_transformer
-from soar_ray.workers.learner import SoarLearner
-from soar_ray.workers.rollout import generate_images
+from soar_ray.stages.context import StageContext
 
 
-def check_in_process(job: JobConfig, stage_index: int) -> None:
-    """Refuse topologies the in-process runner cannot provide, naming the field."""
-    stage = job.stages[stage_index]
-    if job.cluster.num_learners != 1:
-        raise ConfigError(
-            f"cluster.num_learners: {job.cluster.num_learners}; the in-process runner trains "
-            "on one learner (set cluster.num_learners=1)"
-        )
-    if isinstance(stage, SoarStage) and stage.mode != "colocated":
-        raise ConfigError(
-            f"stages.{stage_index}.mode: {stage.mode!r}; the in-process runner is colocated"
-        )
+class AuxPrefetcher:
+    """Keeps the rollout workers `max_staleness` steps ahead of the learners."""
+
+    def __init__(self, ctx: StageContext, batches: Iterator[list[dict[str, Any]]], depth: int):
+        self.ctx, self.batches, self.depth = ctx, batches, depth
+        self.queue: deque[list[list[ray.ObjectRef]]] = deque()
+
+    def next(self) -> tuple[list[ray.ObjectRef], int]:
+        """The next step's per-rank inputs (still refs) and the oldest version among them."""
+        while len(self.queue) <= self.depth:
+            batches = next(self.batches, None)
+            if batches is None:
+                break
+            self.queue.append(self.ctx.rollouts.prepare_soar(batches))
+        refs = self.queue.popleft()
+        versions = ray.get([version for _, version in refs])
+        return [inputs for inputs, _ in refs], min(versions)
 
 
-def save_samples(model: SD3Model, job: JobConfig, path: Path, logger: MetricsLogger,
-                 step: int) -> Path:  # fmt: skip
-    """A grid of the sample prompts rendered by the current weights (same noise every time)."""
-    prompts = job.logging.sample_prompts[: job.logging.num_sample_prompts]
-    pixels = generate_images(
-        model, prompts, height=job.model.resolution, width=job.model.resolution,
-        num_steps=job.logging.num_sample_steps, guidance=job.logging.sample_cfg_scale,
-        seed=job.seed,
-    )  # fmt: skip
-    save_image_grid(to_uint8_images(pixels), path, captions=prompts)
-    logger.log_image("samples", path, step)
-    return path
-
-
-def export_transformer(learner: SoarLearner, path: Path) -> Path:
-    """The stage output: a diffusers transformer folder (EMA weights where enabled, LoRA merged)."""
-    transformer = copy.deepcopy(learner.model.transformer)
-    if learner.ema is not None:
-        learner.ema.copy_to([p for p in transformer.parameters() if p.requires_grad])
-    if has_lora(transformer):
-        merge_lora(transformer)
-    return save_transformer(transformer, path)
-
-
-def run_soar_stage(job: JobConfig, stage_index: int, model: SD3Model, run_dir: Path) -> Path:
-    """Train `job.stages[stage_index]` on `model`; returns the exported transformer folder."""
-    check_in_process(job, stage_index)
-    stage = job.stages[stage_index]
-    stage_name = job.stage_names[stage_index]
-    stage_dir = run_dir / stage_name
-    dataset = build_dataset(job)
-    sampler = build_sampler(job, dataset, rank=0, world_size=1)
-    uncond = dataset.uncond_cond() if isinstance(dataset, LatentCacheDataset) else None
-    learner = SoarLearner(model, stage, seed=job.seed, uncond=uncond)
-    batches = iter_batches(dataset, sampler, first_step=0, num_steps=stage.num_steps,
-                           num_workers=job.data.num_workers)  # fmt: skip
-    sample_every = job.logging.sample_every
-    samples_dir = run_dir / "samples"
-    with MetricsLogger(run_dir, jsonl=job.logging.jsonl,
-                       tensorboard=job.logging.tensorboard) as logger:  # fmt: skip
-        if sample_every:
-            save_samples(model, job, samples_dir / f"{stage_name}-step-000000.png", logger, 0)
-        bar = tqdm(total=stage.num_steps, desc=stage_name, unit="step",
-                   disable=not job.logging.progress_bar)  # fmt: skip
-        for step, batch in enumerate(batches, start=1):
-            start = time.perf_counter()
-            metrics = learner.train_step(batch)
-            metrics["samples_per_s"] = len(batch["caption"]) / (time.perf_counter() - start)
-            metrics.update(stage=stage_name, epoch=batch["epoch"])
-            if step % job.logging.every == 0 or step == stage.num_steps:
-                logger.log(step, metrics)
-            bar.update()
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.1f}")
-            if sample_every and (step % sample_every == 0 or step == stage.num_steps):
-                path = samples_dir / f"{stage_name}-step-{step:06d}.png"
-                save_samples(model, job, path, logger, step)
-        bar.close()
-    return export_transformer(learner, stage_dir / "transformer")
+def run_soar_stage(ctx: StageContext, stage_index: int, resume: Path | None) -> Path:
+    """Train `job.stages[stage_index]` on the context's actors; returns the stage output folder."""
+    job, stage, name = ctx.job, ctx.job.stages[stage_index], ctx.job.stage_names[stage_index]
+    ctx.setup_stage(stage_index)
+    step = ctx.restore(resume) if resume is not None else 0
+    accumulation = stage.gradient_accumulation_steps
+    checkpoint_every = stage.checkpoint_every or job.checkpoint.every
+    version = step // accumulation  # the policy version: optimizer updates so far
+    batches = ctx.batches(first_step=step, num_steps=stage.num_steps - step)
+    disaggregated = stage.mode == "disaggregated"
+    prefetch = AuxPrefetcher(ctx, batches, stage.max_staleness) if disaggregated else None
+    if ctx.sync is not None:
+        ctx.sync.push(version)
+    if job.logging.sample_every and step == 0:
+        ctx.render_samples(name, step)
+    bar = tqdm(initial=step, total=stage.num_steps, desc=name, unit="step",
+               disable=not job.logging.progress_bar)  # fmt: skip
+    while step < stage.num_steps:
+        start = time.perf_counter()
+        if prefetch is not None:
+            inputs, made_with = prefetch.next()
+            metrics = ctx.learners.train_on_inputs(inputs)
+            metrics["staleness"] = version - made_with
+            assert metrics["staleness"] <= stage.max_staleness, metrics  # invariant of the queue
+        else:
+            metrics = ctx.learners.train_step(next(batches))
+        step += 1
+        if step % accumulation == 0:
+            version += 1
+            if disaggregated:
+                ctx.sync.push(version)  # queued before the next prepare calls on every worker
+        seconds = time.perf_counter() - start
+        metrics.update(samples_per_s=ctx.global_batch_size / seconds, policy_version=version)
+        bar.update()
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.1f}")
+        if step % checkpoint_every == 0 or step == stage.num_steps:
+            metrics["checkpoint_seconds"] = ctx.save_checkpoint(stage_index, step, version)
+        if step % job.logging.every == 0 or step == stage.num_steps:
+            ctx.log(name, step, metrics)
+        if job.logging.sample_every and (step % job.logging.sample_every == 0
+                                         or step == stage.num_steps):  # fmt: skip
+            ctx.render_samples(name, step, version)
+    bar.close()
+    return ctx.learners.save_transformer(ctx.run_dir / name / "transformer")

@@ -1,0 +1,155 @@
+"""Training engines behind one API (DeepSpeed's): backward, step, grad norm, lr, checkpoints.
+
+`build_deepspeed_engine` wraps the trainable module in a DeepSpeed ZeRO engine (stage 0-3, bf16 /
+fp16 / fp32, optional CPU offload). `LocalEngine` is plain torch in one process: the in-process
+reference that distributed runs are checked against.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soar_ray.config import DeepSpeedConfig, OptimizerConfig
+
+
+def lr_factor(step: int, cfg: OptimizerConfig) -> float:
+    """Learning-rate multiplier after `step` optimizer steps: constant, or linear warm-up."""
+    if cfg.lr_schedule == "warmup" and cfg.warmup_steps > 0:
+        return min(1.0, (step + 1) / cfg.warmup_steps)
+    return 1.0
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg))
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, *,
+                     backend: str, timeout_s: float) -> None:  # fmt: skip
+    """Join the learners' process group through DeepSpeed (nccl on GPU, gloo on CPU)."""
+    import deepspeed
+
+    os.environ.update(
+        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK="0",  # one device per actor: Ray sets its view
+    )  # fmt: skip
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def deepspeed_config(engine: DeepSpeedConfig, optimizer: OptimizerConfig, *,
+                     micro_batch_size: int, gradient_accumulation_steps: int,
+                     world_size: int) -> dict[str, Any]:  # fmt: skip
+    """The DeepSpeed config dict of a learner group."""
+    zero: dict[str, Any] = {
+        "stage": engine.zero_stage,
+        "overlap_comm": engine.overlap_comm,
+        "reduce_bucket_size": engine.reduce_bucket_size,
+    }
+    if engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_clipping": optimizer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "fp16": {"enabled": engine.precision == "fp16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optimizer.lr,
+                "betas": list(optimizer.betas),
+                "eps": optimizer.eps,
+                "weight_decay": optimizer.weight_decay,
+                # torch's AdamW, the same update as LocalEngine; offload uses DeepSpeedCPUAdam.
+                "torch_adam": not engine.offload_optimizer,
+                "adam_w_mode": True,
+            },
+        },  # fmt: skip
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_deepspeed_engine(module: torch.nn.Module, params: list[torch.nn.Parameter],
+                           config: dict[str, Any], optimizer: OptimizerConfig):  # fmt: skip
+    """A DeepSpeed engine training `params` of `module`, with the LocalEngine's LR schedule."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=module, model_parameters=params, config=config,
+        lr_scheduler=partial(make_lr_scheduler, cfg=optimizer),
+    )  # fmt: skip
+    return engine
+
+
+class LocalEngine:
+    """AdamW, LR schedule, gradient clipping and accumulation behind DeepSpeed's engine API."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimizerConfig,
+                 gradient_accumulation_steps: int = 1) -> None:  # fmt: skip
+        self.params, self.cfg = params, cfg
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg)
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.micro_steps = 0
+        self.global_steps = 0
+        self._grad_norm = math.nan
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients; the loss is divided by the accumulation steps as DeepSpeed does."""
+        (loss / self.gradient_accumulation_steps).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
+
+    def step(self) -> None:
+        """Clip, update and zero the gradients at an accumulation boundary."""
+        if self.is_gradient_accumulation_boundary():
+            max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+            # Host sync: the norm is read back for logging once per optimizer step.
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_steps += 1
+        self.micro_steps += 1
+
+    def get_global_grad_norm(self) -> float:
+        return self._grad_norm
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def save_checkpoint(self, save_dir: str | Path, tag: str, save_latest: bool = False) -> None:
+        """Parameters, optimizer and schedule under save_dir/tag (no `latest` file either way)."""
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "params": [p.detach().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "micro_steps": self.micro_steps,
+            "global_steps": self.global_steps,
+        }
+        torch.save(state, path / "local_engine.pt")
+
+    def load_checkpoint(self, load_dir: str | Path, tag: str) -> None:
+        state = torch.load(Path(load_dir) / tag / "local_engine.pt", weights_only=False)
+        with torch.no_grad():
+            for param, saved in zip(self.params, state["params"], strict=True):
+                param.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]

@@ -1,0 +1,60 @@
+"""`soar-ray run` from the command line: a short real run, and bad input stopped before any actor."""
+
+import json
+
+import pytest
+import ray
+
+from soar_ray.cli import main
+
+FAST = ["--set", "data.synthetic.num_images=16", "--set", "logging.tensorboard=false"]
+
+
+@pytest.mark.slow
+def test_run_writes_config_metrics_and_output(ray_local, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["run", "jobs/tiny.yaml", "--set", f"output_dir={run_dir}",
+                 "--set", "stages.0.num_steps=3", "--set", "logging.sample_every=0", *FAST])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"stage 0-soar -> {run_dir / '0-soar' / 'transformer'}" in out
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert "stages:" in (run_dir / "config.yaml").read_text()
+
+
+def _error(capsys, *args, job="jobs/tiny.yaml"):
+    code = main(["run", job, *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_value_names_the_dotted_field(capsys):
+    assert "stages.0.lambda_aux" in _error(capsys, "--set", "stages.0.lambda_aux=-1")
+
+
+def test_unknown_key_is_named_with_a_suggestion(capsys):
+    err = _error(capsys, "--set", "stages.0.lamda_aux=0")
+    assert "stages.0.lamda_aux" in err and "lambda_aux" in err
+
+
+def test_missing_data_folder_is_named(capsys, tmp_path):
+    err = _error(capsys, "--set", "data.source=jsonl", "--set", f"data.jsonl={tmp_path}/a.jsonl",
+                 "--set", f"data.image_dir={tmp_path}/images")  # fmt: skip
+    assert "data.jsonl" in err and "data.image_dir" in err
+
+
+def test_grpo_stage_refused_before_any_work(tmp_path, capsys):
+    err = _error(capsys, "--set", f"output_dir={tmp_path / 'r'}", "--set",
+                 "data.prompts.path=../shared/data/prompts/ocr_test.txt", job="jobs/grpo.yaml")  # fmt: skip
+    assert "stages.0.algorithm" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_topology_larger_than_the_cluster_fails_before_any_actor(ray_local, tmp_path, capsys):
+    err = _error(capsys, "--set", f"output_dir={tmp_path}", "--set", "cluster.num_learners=64",
+                 *FAST)  # fmt: skip
+    assert "cluster.num_learners" in err and "CPU" in err
+    assert not [a for a in ray.util.list_named_actors() if a.startswith(("learner-", "rollout-"))]
