@@ -10,8 +10,9 @@ Everything runs in float32; the embeddings are L2-normalised where a reward says
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -19,7 +20,15 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
-from rewards.base import MissingCheckpointError, require_path
+from rewards.base import (
+    ImageLike,
+    MissingCheckpointError,
+    RewardOutput,
+    check_batch,
+    require_path,
+    resolve_device,
+    score_batches,
+)
 
 
 def require_folder(
@@ -97,3 +106,46 @@ def hf_text_embeds(
         input_ids=input_ids_BL, attention_mask=attention_mask_BL
     ).pooler_output
     return model.text_projection(pooled_BH)
+
+
+class OpenClipCosineReward:
+    """A reward computed from the open_clip image-prompt cosine of one checkpoint file.
+
+    Subclasses set `name`, `CHECKPOINT_FORMAT`, `CHECKPOINT_SOURCE` and turn the cosine into the
+    reward in `from_cosine`.
+    """
+
+    name: str
+    CHECKPOINT_FORMAT: str
+    CHECKPOINT_SOURCE: str
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        model_name: str = "ViT-H-14",
+        device: str = "auto",
+        batch_size: int = 16,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"reward {self.name!r}: batch_size must be >= 1, got {batch_size}")
+        path = require_path(
+            checkpoint, reward=self.name, option="checkpoint",
+            expected=self.CHECKPOINT_FORMAT, source=self.CHECKPOINT_SOURCE,
+        )  # fmt: skip
+        self.towers = OpenClipTowers(
+            reward=self.name, model_name=model_name, checkpoint=path, device=resolve_device(device)
+        )
+        self.batch_size = batch_size
+
+    def score(
+        self,
+        images: Sequence[ImageLike],
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> RewardOutput:
+        check_batch(self.name, images, prompts, metadata)
+        cosine = score_batches(self.name, images, prompts, self.batch_size, self.towers.cosine)
+        return self.from_cosine(cosine)
+
+    def from_cosine(self, cosine: np.ndarray) -> RewardOutput:
+        raise NotImplementedError

@@ -8,61 +8,22 @@ Weights: `open_clip_pytorch_model.bin` of the open_clip ViT-H-14 LAION-2B releas
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 
-from rewards.base import (
-    ImageLike,
-    RewardOutput,
-    check_batch,
-    require_path,
-    resolve_device,
-    score_batches,
-)
-from rewards.clip_common import OpenClipTowers
+from rewards.base import RewardOutput
+from rewards.clip_common import OpenClipCosineReward
 
 CLIPSCORE_WEIGHT = 2.5  # w of CLIPScore eq. 1
-CHECKPOINT_FORMAT = "open_clip_pytorch_model.bin, the open_clip ViT-H-14 state dict"
-CHECKPOINT_SOURCE = "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
-class CLIPScore:
+class CLIPScore(OpenClipCosineReward):
     """CLIPScore reward: 2.5 * max(cos(image, prompt), 0)."""
 
     name = "clipscore"
+    CHECKPOINT_FORMAT = "open_clip_pytorch_model.bin, the open_clip ViT-H-14 state dict"
+    CHECKPOINT_SOURCE = "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
-    def __init__(
-        self,
-        checkpoint: str | Path | None = None,
-        model_name: str = "ViT-H-14",
-        device: str = "auto",
-        batch_size: int = 16,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"reward {self.name!r}: batch_size must be >= 1, got {batch_size}")
-        path = require_path(
-            checkpoint,
-            reward=self.name,
-            option="checkpoint",
-            expected=CHECKPOINT_FORMAT,
-            source=CHECKPOINT_SOURCE,
-        )
-        self.towers = OpenClipTowers(
-            reward=self.name, model_name=model_name, checkpoint=path, device=resolve_device(device)
-        )
-        self.batch_size = batch_size
-
-    def score(
-        self,
-        images: Sequence[ImageLike],
-        prompts: Sequence[str],
-        metadata: Sequence[Mapping[str, Any] | None] | None = None,
-    ) -> RewardOutput:
+    def from_cosine(self, cosine: np.ndarray) -> RewardOutput:
         """CLIPScore per image, with the raw cosine as component "clip_cosine"."""
-        check_batch(self.name, images, prompts, metadata)
-        cosine = score_batches(self.name, images, prompts, self.batch_size, self.towers.cosine)
         scores = CLIPSCORE_WEIGHT * np.maximum(cosine, 0.0)
         return RewardOutput(scores=scores, components={"clip_cosine": cosine})

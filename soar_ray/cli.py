@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,10 +17,14 @@ def _job(args: argparse.Namespace) -> JobConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Train every stage of the job; results land in the run folder."""
+    job = _job(args)
+    if job.cluster.address is None and not os.environ.get("RAY_ADDRESS"):
+        # An embedded single-node Ray needs no network: keep it on 127.0.0.1. Ray reads this
+        # flag (named for the platforms where loopback is the default) once, at import.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from soar_ray.cluster.session import RayConnectionError, ray_session
     from soar_ray.stages.pipeline import check_pipeline, run_pipeline
 
-    job = _job(args)
     check_pipeline(job)
     job.validate_paths()
     run_dir = job.output_path

@@ -28,8 +28,15 @@ export PIP_CONSTRAINT="$CONSTRAINTS"
 "$PYTHON" -m pip install "setuptools<82" wheel ninja packaging
 if ! compgen -G "$WHEELS/mmcv-2.1.0-*.whl" > /dev/null; then
     echo "install_mmdet.sh: building mmcv 2.1.0 into $WHEELS (takes a while)"
-    MMCV_WITH_OPS=1 "$PYTHON" -m pip wheel --no-build-isolation --no-deps --no-binary mmcv \
-        -w "$WHEELS" "mmcv==2.1.0"
+    SRC="$(mktemp -d)"
+    trap 'rm -f "$CONSTRAINTS"; rm -rf "$SRC"' EXIT
+    "$PYTHON" -m pip download --no-deps --no-build-isolation --no-binary :all: -d "$SRC" \
+        "mmcv==2.1.0"
+    tar -xzf "$SRC"/mmcv-2.1.0.tar.gz -C "$SRC"
+    # mmcv 2.1.0 compiles its ops as C++14/17; torch >= 2.10 headers need C++20.
+    sed -i 's/-std=c++14/-std=c++20/g; s/-std=c++17/-std=c++20/g' "$SRC/mmcv-2.1.0/setup.py"
+    MMCV_WITH_OPS=1 "$PYTHON" -m pip wheel --no-build-isolation --no-deps -w "$WHEELS" \
+        "$SRC/mmcv-2.1.0"
 fi
 "$PYTHON" -m pip install "$WHEELS"/mmcv-2.1.0-*.whl "mmengine>=0.10" "mmdet==3.3.0"
 "$PYTHON" -c "import mmcv.ops, mmdet; print('mmcv', mmcv.__version__, 'mmdet', mmdet.__version__)"
