@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch 2.14.1 / torchvision 0.29.1 are the builds the project is tested with.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: run test lint format bench clean-venv
+.PHONY: run test test-mmdet lint format bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)  ## the default job: CPU, tiny model, embedded local Ray
 
 test: $(STAMP)  ## the test suite (CPU only)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-mmdet: $(STAMP)  ## GenEval's Mask2Former backend: builds mmcv once (~20 min on 2 cores)
+	PYTHON=$(BIN)/python bash rewards/geneval/install_mmdet.sh
+	$(BIN)/python -m pytest -q -m mmdet tests/test_rewards_geneval.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check soar_ray rewards tests benchmarks
