@@ -58,3 +58,18 @@ def test_topology_larger_than_the_cluster_fails_before_any_actor(ray_local, tmp_
                  *FAST)  # fmt: skip
     assert "cluster.num_learners" in err and "CPU" in err
     assert not [a for a in ray.util.list_named_actors() if a.startswith(("learner-", "rollout-"))]
+
+
+@pytest.mark.slow
+def test_prepare_writes_a_cache_that_training_reads(ray_local, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    common = ["--set", f"output_dir={tmp_path / 'run'}", *FAST]
+    assert main(["prepare", "jobs/tiny.yaml", "--out", str(cache), *common]) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["num_rows"] == 16
+    code = main(["run", "jobs/tiny.yaml", *common, "--set", "data.source=cache",
+                 "--set", f"data.cache_dir={cache}", "--set", "stages.0.num_steps=2",
+                 "--set", "logging.sample_every=2", "--set", "logging.num_sample_steps=2"])  # fmt: skip
+    assert code == 0
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and (tmp_path / "run" / "samples" / "0-soar-step-000002.png").is_file()
