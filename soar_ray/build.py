@@ -106,12 +106,13 @@ def cache_uncond(job: JobConfig) -> dict[str, torch.Tensor] | None:
 
 
 def learner_components(job: JobConfig) -> tuple[str, ...]:
-    """What a learner must hold: the transformer alone when batches come from the latent cache
-    and rollout workers (or nobody) render the sample grids; else VAE and text encoders too."""
+    """What a learner must hold: the transformer alone unless it encodes raw images itself
+    (colocated stages on jsonl/synthetic data) or renders the sample grids (no rollout workers)."""
     renders = job.logging.sample_every > 0 and job.cluster.num_rollout_workers == 0
-    if job.data.source == "cache" and not renders:
-        return ("transformer",)
-    return COMPONENTS
+    encodes = job.data.source != "cache" and any(
+        getattr(stage, "mode", "colocated") == "colocated" for stage in job.stages
+    )
+    return COMPONENTS if renders or encodes else ("transformer",)
 
 
 def learner_device(job: JobConfig) -> torch.device:

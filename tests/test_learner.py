@@ -100,3 +100,20 @@ def test_lambda_zero_is_sft(tiny_job):
     metrics = _learner(tiny_job, lambda_aux=0.0).train_step(_batch(tiny_job))
     assert metrics["aux_points_per_sample"] == 0.0
     assert metrics["loss"] == pytest.approx(metrics["loss_main"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], "all"),  # colocated on raw images: the learner encodes
+        (["data.source=cache", "data.cache_dir=c"], "transformer"),
+        (["data.source=cache", "data.cache_dir=c", "cluster.num_rollout_workers=0"], "all"),
+        (["stages.0.mode=disaggregated"], "transformer"),  # the rollout workers encode
+    ],
+)
+def test_learners_hold_only_what_they_use(overrides, expected):
+    from soar_ray.build import learner_components
+    from soar_ray.models import COMPONENTS
+
+    job = load_job(JOB, overrides)
+    assert learner_components(job) == (COMPONENTS if expected == "all" else ("transformer",))
