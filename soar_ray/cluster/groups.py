@@ -39,11 +39,16 @@ class LearnerGroup:
             .remote(job, rank, self.world_size)
             for rank, bundle in enumerate(topology.learner_bundles)
         ]  # fmt: skip
-        # Rank 0's node hosts the rendezvous; every rank joins with the same address and port.
-        master_addr, master_port = ray.get(self.actors[0].master_address.remote())
         self.timeout_s = cluster.call_timeout_s
-        self._all(lambda a: a.init_process_group.remote(master_addr, master_port),
-                  timeout=cluster.start_timeout_s)  # fmt: skip
+        try:
+            # Rank 0's node hosts the rendezvous; every rank joins with the same address and port.
+            master_addr, master_port = ray.get(self.actors[0].master_address.remote(),
+                                               timeout=cluster.start_timeout_s)  # fmt: skip
+            self._all(lambda a: a.init_process_group.remote(master_addr, master_port),
+                      timeout=cluster.start_timeout_s)  # fmt: skip
+        except BaseException:
+            self.kill()  # a half-formed group holds its bundles for nothing
+            raise
 
     def _all(self, call, timeout: float | None = None) -> list[Any]:
         """call(actor) -> ObjectRef on every rank, then wait for all of them."""
