@@ -22,6 +22,7 @@ from rewards.base import (
     ImageLike,
     RewardOutput,
     check_batch,
+    check_batch_size,
     require_path,
     resolve_device,
     score_batches,
@@ -81,8 +82,7 @@ class Aesthetic:
         device: str = "auto",
         batch_size: int = 16,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"reward {self.name!r}: batch_size must be >= 1, got {batch_size}")
+        check_batch_size(self.name, batch_size)
         clip_folder = require_folder(
             clip_path,
             reward=self.name,

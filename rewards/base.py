@@ -104,6 +104,13 @@ def to_uint8(image: ImageLike) -> np.ndarray:
     return np.asarray(to_pil(image))
 
 
+def check_batch_size(reward: str, batch_size: int) -> int:
+    """`batch_size` if it is a positive count, else an error naming the reward."""
+    if batch_size < 1:
+        raise ValueError(f"reward {reward!r}: batch_size must be >= 1, got {batch_size}")
+    return batch_size
+
+
 def batched(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
     """Consecutive chunks of at most `batch_size` items."""
     if batch_size < 1:

@@ -25,6 +25,7 @@ from rewards.base import (
     MissingCheckpointError,
     RewardOutput,
     check_batch,
+    check_batch_size,
     require_path,
     resolve_device,
     score_batches,
@@ -126,8 +127,7 @@ class OpenClipCosineReward:
         device: str = "auto",
         batch_size: int = 16,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"reward {self.name!r}: batch_size must be >= 1, got {batch_size}")
+        check_batch_size(self.name, batch_size)
         path = require_path(
             checkpoint, reward=self.name, option="checkpoint",
             expected=self.CHECKPOINT_FORMAT, source=self.CHECKPOINT_SOURCE,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from Levenshtein import distance
 
-from rewards.base import ImageLike, RewardOutput, check_batch, to_pil
+from rewards.base import ImageLike, RewardOutput, check_batch, check_batch_size, to_pil
 
 
 def normalize_text(text: str) -> str:
@@ -82,8 +82,7 @@ class OcrReward:
     ) -> None:
         from rapidocr import RapidOCR
 
-        if batch_size < 1:
-            raise ValueError(f"ocr: batch_size must be >= 1, got {batch_size}")
+        check_batch_size("ocr", batch_size)
         if not 0.0 <= min_text_score <= 1.0:
             raise ValueError(f"ocr: min_text_score must be in [0, 1], got {min_text_score}")
         use_cuda, device_id = _resolve_ocr_device(device)

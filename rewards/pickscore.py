@@ -20,7 +20,14 @@ import torch
 from PIL import Image
 from transformers import CLIPProcessor
 
-from rewards.base import ImageLike, RewardOutput, check_batch, resolve_device, score_batches
+from rewards.base import (
+    ImageLike,
+    RewardOutput,
+    check_batch,
+    check_batch_size,
+    resolve_device,
+    score_batches,
+)
 from rewards.clip_common import (
     hf_image_embeds,
     hf_text_embeds,
@@ -51,8 +58,7 @@ class PickScore:
     ) -> None:
         if not math.isfinite(scale):
             raise ValueError(f"reward {self.name!r}: scale must be finite, got {scale}")
-        if batch_size < 1:
-            raise ValueError(f"reward {self.name!r}: batch_size must be >= 1, got {batch_size}")
+        check_batch_size(self.name, batch_size)
         model_folder = require_folder(
             model_path,
             reward=self.name,

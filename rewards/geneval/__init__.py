@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from rewards.base import ImageLike, RewardOutput, batched, check_batch, resolve_device, to_uint8
+from rewards.base import (
+    ImageLike,
+    RewardOutput,
+    batched,
+    check_batch,
+    check_batch_size,
+    resolve_device,
+    to_uint8,
+)
 from rewards.geneval.color import ClipColorClassifier, PixelColorClassifier
 from rewards.geneval.detectors import Detection, Detector, MMDetDetector, YoloDetector
 from rewards.geneval.rules import TAGS, RuleResult, Thresholds, evaluate, parse_spec, select_objects
@@ -62,8 +70,7 @@ class GenEvalReward:
     ) -> None:
         if detector not in DETECTORS:
             raise ValueError(f"geneval: detector must be one of {DETECTORS}, got {detector!r}")
-        if batch_size < 1:
-            raise ValueError(f"geneval: batch_size must be >= 1, got {batch_size}")
+        check_batch_size("geneval", batch_size)
         self.thresholds = Thresholds(
             score_threshold, counting_threshold, max_objects, nms_threshold, position_threshold
         )
