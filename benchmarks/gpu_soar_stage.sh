@@ -2,11 +2,7 @@
 # The SOAR-stage GPU runs recorded in RESULTS.md, on a 2-GPU machine with no network:
 # wheels carried in .whl/ (see benchmarks/RESULTS.md for how they were made), results under $OUT.
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl
-tar -xJf .whl/raypkg/ray.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
+source benchmarks/device_env.sh
 nvidia-smi -L | tee "$OUT/gpus.txt"
 # 1. The tiny job on GPUs: 2 bf16 ZeRO-2 learners over NCCL, a rollout worker sharing their GPUs.
 python3 - <<'PY' 2>&1 | grep -v "^\s*$" | tail -15 | tee "$OUT/tiny.txt"

@@ -2,11 +2,7 @@
 # SD3.5-Medium shapes under ZeRO-3 on 2 GPUs (same setup as gpu_soar_stage.sh, which installs the
 # carried wheels); results under $OUT.
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl
-tar -xJf .whl/raypkg/ray.tar.xz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
+source benchmarks/device_env.sh
 python3 benchmarks/bench_soar_stage.py --preset sd35-medium --resolution 512 --batch-size 4 \
   --num-learners 2 --cpus-per-learner 8 --steps 8 --warmup 3 --zero-stage 3 \
   --out /tmp/bench-z3 2>&1 | grep -v "^\s*$" | tail -4 | tee "$OUT/sd35m-zero3.txt"
