@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# SD3.5-Medium shapes under ZeRO-3 on 2 GPUs (same setup as gpu_soar_stage.sh, which installs the
-# carried wheels); results under $OUT.
+# SD3.5-Medium shapes under ZeRO-3 on 2 GPUs (carried wheels installed by device_env.sh, as for
+# gpu_soar_stage.sh); results under $OUT.
 set -euo pipefail
 source benchmarks/device_env.sh
 python3 benchmarks/bench_soar_stage.py --preset sd35-medium --resolution 512 --batch-size 4 \
