@@ -17,6 +17,7 @@ from soar_ray.data import (
     LatentCacheDataset,
     make_synthetic_set,
 )
+from soar_ray.data.cache import read_uncond
 from soar_ray.models import COMPONENTS, SD3Model, build_model
 from soar_ray.models.sd3 import move
 from soar_ray.workers.engine import LocalEngine, build_deepspeed_engine, deepspeed_config
@@ -102,7 +103,7 @@ def cache_uncond(job: JobConfig) -> dict[str, torch.Tensor] | None:
     """The cached encoding of "" when training from a latent cache (no text encoder needed)."""
     if job.data.source != "cache":
         return None
-    return LatentCacheDataset(job.data.cache_dir, model_id=model_identity(job)).uncond_cond()
+    return read_uncond(job.data.cache_dir, model_identity(job))
 
 
 def learner_components(job: JobConfig) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soar_ray.data.cache import LatentCacheDataset, write_latent_cache
+from soar_ray.data.cache import LatentCacheDataset, read_uncond, write_latent_cache
 from soar_ray.data.dataset import ImageCaptionDataset, collate_samples
 from soar_ray.data.sampler import BucketBatchSampler
 from soar_ray.data.synthetic import make_synthetic_set
@@ -80,6 +80,10 @@ def _check_round_trip(cache: LatentCacheDataset, dataset, recorder: Recorder, ca
     uncond = cache.uncond_cond()
     for key, value in recorder.conds[-1].items():
         assert torch.equal(uncond[key], cast(value))
+    # The shard-free reader (used by learners and rollout workers) gives the same tensors.
+    direct = read_uncond(cache.cache_dir, cache.manifest["model_id"])
+    assert direct.keys() == uncond.keys()
+    assert all(torch.equal(direct[key], uncond[key]) for key in uncond)
 
 
 def test_round_trip_tiny_sd3(dataset: ImageCaptionDataset, tmp_path: Path) -> None:

@@ -262,6 +262,38 @@ def _open_parquet(path: Path, expected: pa.Schema) -> pq.ParquetFile:
     return parquet
 
 
+def _decode(
+    table: pa.Table, column: str, row: int, shape: list[int], np_dtype: np.dtype, where: str
+) -> torch.Tensor:
+    """Decode one stored tensor cell to float32; a wrong byte count names the cell."""
+    blob = table.column(column)[row].as_py()
+    expected = int(np.prod(shape)) * np_dtype.itemsize
+    if len(blob) != expected:
+        raise ValueError(f"{where}, {column}: {len(blob)} bytes, {expected} for shape {shape}")
+    return torch.from_numpy(np.frombuffer(blob, np_dtype).reshape(shape).astype("f4"))
+
+
+def _read_uncond(cache_dir: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = cache_dir / UNCOND
+    cond_shapes = manifest["cond_shapes"]
+    try:
+        table = _open_parquet(path, _schema(sorted(cond_shapes), with_sample_columns=False)).read()
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path} is corrupt ({e})") from e
+    np_dtype = DTYPES[manifest["dtype"]]
+    return {
+        key: _decode(table, f"cond.{key}", 0, shape, np_dtype, str(path))[None]
+        for key, shape in cond_shapes.items()
+    }
+
+
+def read_uncond(cache_dir: str | Path, model_id: str) -> dict[str, torch.Tensor]:
+    """Cond of the empty prompt (batch of 1) from the manifest and uncond.parquet alone, without
+    indexing the shards: what a learner or rollout worker needs from a cache it does not read."""
+    cache_dir = Path(cache_dir)
+    return _read_uncond(cache_dir, read_manifest(cache_dir, model_id))
+
+
 class LatentCacheDataset(torch.utils.data.Dataset):
     """Cached samples: md5, caption, bw, bh, latents [C, h, w] and cond {key: tensor}."""
 
@@ -326,12 +358,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     def _tensor(
         self, table: pa.Table, column: str, row: int, shape: list[int], where: str
     ) -> torch.Tensor:
-        """Decode one stored tensor cell to float32; a wrong byte count names the cell."""
-        blob = table.column(column)[row].as_py()
-        expected = int(np.prod(shape)) * self._np_dtype.itemsize
-        if len(blob) != expected:
-            raise ValueError(f"{where}, {column}: {len(blob)} bytes, {expected} for shape {shape}")
-        return torch.from_numpy(np.frombuffer(blob, self._np_dtype).reshape(shape).astype("f4"))
+        return _decode(table, column, row, shape, self._np_dtype, where)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -362,16 +389,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
     def uncond_cond(self) -> dict[str, torch.Tensor]:
         """Cond of the empty prompt, batch of 1 (shared contract: batch-first tensors)."""
-        path = self.cache_dir / UNCOND
-        schema = _schema(sorted(self.cond_shapes), with_sample_columns=False)
-        try:
-            table = _open_parquet(path, schema).read()
-        except (OSError, pa.ArrowException) as e:
-            raise ValueError(f"{path} is corrupt ({e})") from e
-        return {
-            key: self._tensor(table, f"cond.{key}", 0, shape, str(path))[None]
-            for key, shape in self.cond_shapes.items()
-        }
+        return _read_uncond(self.cache_dir, self.manifest)
 
     def __getstate__(self) -> dict[str, Any]:
         # Open Parquet handles do not pickle; DataLoader workers reopen them lazily.
