@@ -68,6 +68,7 @@ class RolloutWorker:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._uncond = uncond
         self._stage: tuple[SoarStage, SoarHyperParams] | None = None
+        self.schedule = make_schedule(shift=SD3_SCHEDULE_SHIFT)
 
     def set_stage(self, stage: SoarStage, seed: int) -> None:
         """Match the learners' trainable structure (LoRA adapters) and the stage's rollout."""
@@ -96,6 +97,6 @@ class RolloutWorker:
         uncond = self._uncond if self._uncond is not None else self.model.uncond(1)
         inputs = prepare_soar_inputs(
             self.model.denoise, z0, cond, {k: v.to(self.device) for k, v in uncond.items()},
-            make_schedule(shift=SD3_SCHEDULE_SHIFT), hp, generator=self.generator,
+            self.schedule, hp, generator=self.generator,
         )  # fmt: skip
         return inputs.to("cpu"), self.version
