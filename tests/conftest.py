@@ -11,7 +11,6 @@ The environment is set before anything imports Ray, since Ray reads it at import
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -30,17 +29,10 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from soar_ray.cluster.session import RaySession, describe_ray  # noqa: E402
+from soar_ray.cluster.session import RaySession, describe_ray, free_port  # noqa: E402
 
 # Two cores shared by the test process and the Ray workers: extra threads only contend.
 torch.set_num_threads(1)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from soar_ray.cluster.session import (
     RayConnectionError,
     RaySession,
     connect,
+    free_port,
     ray_session,
     resolve_address,
 )
@@ -37,12 +37,6 @@ REQUIRED_METRICS = {
     "soar_ray_policy_version", "soar_ray_checkpoint_seconds",
 }  # fmt: skip
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_config_address_wins_over_ray_address(monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import numpy as np
@@ -17,18 +16,12 @@ from soar_ray.build import (
     learner_components,
     learner_device,
 )
+from soar_ray.cluster.session import free_port
 from soar_ray.config import JobConfig
 from soar_ray.metrics import to_uint8_images
 from soar_ray.workers.engine import init_distributed
 from soar_ray.workers.learner import SoarLearner
 from soar_ray.workers.rollout import RolloutWorker, generate_images
-
-
-def free_port(host: str) -> int:
-    """A TCP port that is free on `host` right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @ray.remote

@@ -46,6 +46,13 @@ class RaySession:
     """Ray dashboard, when the cluster runs one and this process learnt where."""
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def describe_ray(*, started_here: bool, dashboard_url: str | None = None) -> RaySession:
     """The Ray this process is connected to, and the metrics endpoint of its node."""
     runtime = ray.get_runtime_context()
