@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from soar_ray.config import ConfigError, JobConfig, SoarStage
+from soar_ray.config import JobConfig
 from soar_ray.data import (
     BucketBatchSampler,
     ImageCaptionDataset,
@@ -20,8 +20,7 @@ from soar_ray.data import (
 from soar_ray.data.cache import read_uncond
 from soar_ray.models import COMPONENTS, SD3Model, build_model
 from soar_ray.models.sd3 import move
-from soar_ray.workers.engine import LocalEngine, build_deepspeed_engine, deepspeed_config
-from soar_ray.workers.learner import SoarLearner, prepare_stage_model
+from soar_ray.workers.learner import Learner
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,8 +41,11 @@ def build_sd3(
 ) -> SD3Model:
     """The job's model: transformer in the training precision, frozen parts in their dtypes.
 
-    Random presets are seeded with the job seed, so every rank builds identical weights.
+    Random presets are seeded with the job seed, so every rank builds identical weights. Also
+    sets this process's TF32 matmuls from `deepspeed.allow_tf32` (GPU fp32 work only).
     """
+    torch.backends.cuda.matmul.allow_tf32 = job.deepspeed.allow_tf32
+    torch.backends.cudnn.allow_tf32 = job.deepspeed.allow_tf32
     source = {"pretrained": job.model.pretrained} if job.model.pretrained else {
         "preset": job.model.preset
     }  # fmt: skip
@@ -111,7 +113,7 @@ def learner_components(job: JobConfig) -> tuple[str, ...]:
     (colocated stages on jsonl/synthetic data) or renders the sample grids (no rollout workers)."""
     renders = job.logging.sample_every > 0 and job.cluster.num_rollout_workers == 0
     encodes = job.data.source != "cache" and any(
-        getattr(stage, "mode", "colocated") == "colocated" for stage in job.stages
+        stage.algorithm == "soar" and stage.mode == "colocated" for stage in job.stages
     )
     return COMPONENTS if renders or encodes else ("transformer",)
 
@@ -129,37 +131,17 @@ def learner_device(job: JobConfig) -> torch.device:
 
 def build_learner(
     job: JobConfig,
-    stage_index: int,
     model: SD3Model,
     *,
     rank: int = 0,
     world_size: int = 1,
     distributed: bool = True,
-) -> SoarLearner:
-    """A SOAR learner for `job.stages[stage_index]` on `model`: a DeepSpeed engine when
-    `distributed` (the process group must be up), else the in-process LocalEngine."""
-    stage = job.stages[stage_index]
-    if not isinstance(stage, SoarStage):
-        raise ConfigError(
-            f"stages.{stage_index}.algorithm: {stage.algorithm!r} has no SOAR learner"
-        )
-    params = prepare_stage_model(model.transformer, stage, seed=job.seed)
-    if job.deepspeed.activation_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
-    if distributed:
-        config = deepspeed_config(
-            job.deepspeed, stage.optimizer, micro_batch_size=job.data.batch_size,
-            gradient_accumulation_steps=stage.gradient_accumulation_steps, world_size=world_size,
-        )  # fmt: skip
-        engine = build_deepspeed_engine(model.transformer, params, config, stage.optimizer)
-        all_reduce = all_reduce_sum if world_size > 1 else None
-    else:
-        engine = LocalEngine(params, stage.optimizer, stage.gradient_accumulation_steps)
-        all_reduce = None
-    return SoarLearner(
-        model, stage, engine, params, seed=job.seed, rank=rank, world_size=world_size,
-        all_reduce=all_reduce, uncond=cache_uncond(job), zero_stage=job.deepspeed.zero_stage if distributed else 0,
-    )  # fmt: skip
+) -> Learner:
+    """A learner rank on `model`: DeepSpeed engines when `distributed` (the process group must be
+    up), else the in-process LocalEngine. `setup_stage` then builds a stage's engine and step."""
+    all_reduce = all_reduce_sum if distributed and world_size > 1 else None
+    return Learner(job, model, rank=rank, world_size=world_size, all_reduce=all_reduce,
+                   distributed=distributed, uncond=cache_uncond(job))  # fmt: skip
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from soar_ray.cluster.session import RayConnectionError, ray_session
     from soar_ray.stages.pipeline import check_pipeline, run_pipeline
 
-    check_pipeline(job)
     job.validate_paths()
+    check_pipeline(job)
     run_dir = job.output_path
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(job))

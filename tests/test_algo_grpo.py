@@ -65,7 +65,7 @@ def test_flow_sde_at_sigma_one_uses_next_sigma_as_sigma_max():
 def test_cps_step_by_formula():
     x, v = _latents()
     prev, log_prob, mean, std = sde_step_with_logprob(
-        x, v, 0.5, 0.25, noise_level=0.5, kind="cps", generator=torch.Generator().manual_seed(2)
+        x, v, 0.5, 0.25, noise_level=0.5, sde_kind="cps", generator=torch.Generator().manual_seed(2)
     )
     hand_std = 0.25 * math.sin(0.5 * math.pi / 2)
     x0_hat, x1_hat = x - 0.5 * v, x + 0.5 * v
@@ -76,7 +76,7 @@ def test_cps_step_by_formula():
     torch.testing.assert_close(prev, hand_mean + hand_std * e)
     torch.testing.assert_close(log_prob, -((prev - hand_mean) ** 2).mean(dim=(1, 2, 3)))
     with pytest.raises(ValueError, match="SDE kind"):
-        sde_step_with_logprob(x, v, 0.5, 0.25, noise_level=0.5, kind="ode")
+        sde_step_with_logprob(x, v, 0.5, 0.25, noise_level=0.5, sde_kind="ode")
 
 
 # Rewards of three prompts, two images each; prompt 2's images tie.
@@ -97,7 +97,7 @@ def test_advantages_group_std_and_clipping_by_hand():
     a = 0.5 / (0.5 + 1e-4)  # each group's population std is 0.5
     torch.testing.assert_close(advantages, torch.tensor([-a, a, -a, a, 0.0, 0.0]))
     assert keep.tolist() == [True, True, True, True, False, False]
-    clipped, _ = group_advantages(REWARDS, PROMPTS, clip_max=0.3)
+    clipped, _ = group_advantages(REWARDS, PROMPTS, adv_clip_max=0.3)
     torch.testing.assert_close(clipped, torch.tensor([-0.3, 0.3, -0.3, 0.3, 0.0, 0.0]))
 
 

@@ -162,8 +162,8 @@ def test_fused_equals_sequential_losses_and_grads():
     model = TinyDenoiser()
     z0, cond, uncond = _batch()
     results = []
-    for fused in (True, False):
-        hp = SoarHyperParams(num_rollout_paths=2, trajectory_length=3, fused=fused)
+    for aux_eval in ("fused", "sequential"):
+        hp = SoarHyperParams(num_rollout_paths=2, trajectory_length=3, aux_eval=aux_eval)
         model.batch_sizes.clear()
         model.zero_grad()
         losses = soar_losses(

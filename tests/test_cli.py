@@ -45,11 +45,39 @@ def test_missing_data_folder_is_named(capsys, tmp_path):
     assert "data.jsonl" in err and "data.image_dir" in err
 
 
-def test_grpo_stage_refused_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["stages.0.rewards={jpeg_compresibility: 1.0}"],
+         "stages.0.rewards.jpeg_compresibility: unknown reward 'jpeg_compresibility'"),
+        (["stages.0.rewards={pickscore: 1.0}"],
+         "stages.0.rewards.pickscore: 'pickscore' is not configured; add rewards.pickscore.options"),
+        (["stages.0.num_updates_per_epoch=8"],
+         "stages.0.group_size: 4 images per prompt is larger than the batch of one update"),
+        (["data.prompts.path=jobs/prompts/none.txt"],
+         "data.prompts.path: file not found: "),
+    ],
+)  # fmt: skip
+def test_bad_grpo_input_stops_before_any_work(tmp_path, capsys, overrides, expected):
+    run_dir = tmp_path / "r"
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    err = _error(capsys, "--set", f"output_dir={run_dir}", *sets, job="jobs/tiny_grpo.yaml")
+    assert expected in err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("# only a comment\n\n", "no prompts in the file"),
+     ("a cat\nbad \x01 line\n", ":2: control character")],
+)  # fmt: skip
+def test_empty_or_bad_prompt_file_stops_before_any_actor(tmp_path, capsys, text, expected):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(text)
     err = _error(capsys, "--set", f"output_dir={tmp_path / 'r'}", "--set",
-                 "data.prompts.path=../shared/data/prompts/ocr_test.txt", job="jobs/grpo.yaml")  # fmt: skip
-    assert "stages.0.algorithm" in err
-    assert not (tmp_path / "r").exists()
+                 f"data.prompts.path={prompts}", job="jobs/tiny_grpo.yaml")  # fmt: skip
+    assert f"data.prompts: {prompts}" in err and expected in err
+    assert not (tmp_path / "r").exists()  # stopped before the run folder, Ray and any actor
 
 
 @pytest.mark.slow

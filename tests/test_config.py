@@ -88,12 +88,12 @@ def test_soar_defaults_are_the_spec_reference_run() -> None:
     assert (stage.rollout_kind, stage.noise_scale) == ("flow_sde", 0.5)
     assert (stage.cfg_scale_sampling, stage.num_sampling_steps) == (4.5, 40)
     assert stage.sigma_upper_ratio is None and stage.cond_dropout_rate == 0.0
-    assert (stage.density.scheme, stage.density.logit_mean, stage.density.logit_std) == (
+    assert (stage.timestep_density, stage.logit_mean, stage.logit_std) == (
         "logit_normal",
         0.0,
         1.0,
     )
-    assert stage.density.mode_scale == 1.29 and stage.weighting_scheme == "none"
+    assert stage.mode_scale == 1.29 and stage.weighting_scheme == "none"
     opt = stage.optimizer
     assert (opt.lr, opt.betas, opt.eps, opt.weight_decay, opt.grad_clip) == (
         2e-5,
@@ -194,7 +194,7 @@ def test_overrides_reach_nested_fields_list_items_and_coerce_types(tmp_path: Pat
     assert cfg.stages[0].lambda_aux == 0.0 and cfg.stages[0].optimizer.lr == 1e-3
     assert cfg.deepspeed.zero_stage == 3 and cfg.cluster.gpus_per_learner == 0.0
     assert cfg.data.flip is True and cfg.data.synthetic.resolutions == [(64, 48), (48, 64)]
-    assert cfg.data.prompts is not None and cfg.data.prompts.kind == "txt"
+    assert cfg.data.prompts is not None and cfg.data.prompts.kind == "text"
     assert cfg.model.pretrained is None and cfg.name == "123"
 
 
@@ -297,6 +297,9 @@ def test_extends_cycles_and_missing_bases_are_refused(tmp_path: Path) -> None:
         load_job(tmp_path / "orphan.yaml")
 
 
+GRPO = ("data.prompts.path=p.txt", "cluster.num_rollout_workers=1", "stages.0.eval_every=0")
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -305,8 +308,39 @@ def test_extends_cycles_and_missing_bases_are_refused(tmp_path: Path) -> None:
         (("data.source=cache",), "data.cache_dir: must be set"),
         (("stages=[{algorithm: grpo}]",), "data.prompts: must be set: stage 0 is a grpo stage"),
         (
-            ("stages=[{algorithm: grpo, rewards: {pickscore: 1}}]", "data.prompts.path=p.txt"),
-            "stages.0.rewards.pickscore: not configured",
+            ("stages=[{algorithm: grpo, rewards: {pickscore: 1}}]", *GRPO),
+            "stages.0.rewards.pickscore: 'pickscore' is not configured; add rewards.pickscore",
+        ),
+        (
+            ("stages=[{algorithm: grpo, rewards: {pickscor: 1}}]", *GRPO),
+            "stages.0.rewards.pickscor: unknown reward 'pickscor'; known: ['aesthetic',",
+        ),
+        (
+            ("stages=[{algorithm: grpo, eval_rewards: [hpsv2]}]", *GRPO),
+            "stages.0.eval_rewards.0: 'hpsv2' is not configured",
+        ),
+        (
+            ("stages=[{algorithm: grpo}]", "data.prompts.path=p.txt"),
+            "cluster.num_rollout_workers: stage 0 is a grpo stage, which samples on rollout",
+        ),
+        (
+            (
+                "stages=[{algorithm: grpo, eval_every: 5}]",
+                "data.prompts.path=p.txt",
+                "cluster.num_rollout_workers=1",
+            ),
+            "data.eval_prompts: must be set: stage 0 evaluates every 5 epochs",
+        ),
+        (
+            ("stages=[{algorithm: grpo, group_size: 24, num_groups_per_epoch: 1}]", *GRPO),
+            "stages.0.group_size: 24 images per prompt is larger than "
+            "the batch of one update (group_size x num_groups_per_epoch / num_updates_per_epoch "
+            "= 12)",
+        ),
+        (
+            ("stages=[{algorithm: grpo, group_size: 3, num_groups_per_epoch: 5}]", *GRPO),
+            "stages.0.num_groups_per_epoch: group_size x num_groups_per_epoch = 15 images must "
+            "split evenly over cluster.num_learners x num_updates_per_epoch = 2",
         ),
         (
             ("stages=[{algorithm: soar}, {algorithm: soar, name: 0-soar}]",),
@@ -340,7 +374,7 @@ def test_cross_field_checks_accept_the_consistent_version(tmp_path: Path) -> Non
         (
             "stages=[{algorithm: grpo, rewards: {pickscore: 1, ocr: 0.5}}]",
             "rewards.pickscore.options.checkpoint=/ckpt/pickscore",
-            "data.prompts.path=p.txt",
+            *GRPO,
             "cluster.reward_actors.ocr.num_actors=2",
             "stages.0.optimizer.lr_schedule=warmup",
             "stages.0.optimizer.warmup_steps=10",

@@ -75,7 +75,9 @@ def _learner(job, **stage_overrides):
     from soar_ray.build import build_learner, build_sd3
 
     job = job.model_copy(update={"stages": [job.stages[0].model_copy(update=stage_overrides)]})
-    return build_learner(job, 0, build_sd3(job), distributed=False)
+    learner = build_learner(job, build_sd3(job), distributed=False)
+    learner.setup_stage(0)
+    return learner
 
 
 def _batch(job):
@@ -89,7 +91,7 @@ def _batch(job):
 def test_soar_step_trains_every_transformer_weight_and_reports(tiny_job):
     learner = _learner(tiny_job)
     before = [p.detach().clone() for p in learner.params]
-    metrics = learner.train_step(_batch(tiny_job))
+    metrics = learner.train(_batch(tiny_job))
     assert metrics["aux_points_per_sample"] == 6.0  # M = 1 path, P = 6 points, every sample
     assert all(math.isfinite(metrics[k]) for k in ("loss", "loss_main", "loss_aux", "grad_norm"))
     changed = [not torch.equal(a, p) for a, p in zip(before, learner.params)]
@@ -97,7 +99,7 @@ def test_soar_step_trains_every_transformer_weight_and_reports(tiny_job):
 
 
 def test_lambda_zero_is_sft(tiny_job):
-    metrics = _learner(tiny_job, lambda_aux=0.0).train_step(_batch(tiny_job))
+    metrics = _learner(tiny_job, lambda_aux=0.0).train(_batch(tiny_job))
     assert metrics["aux_points_per_sample"] == 0.0
     assert metrics["loss"] == pytest.approx(metrics["loss_main"])
 

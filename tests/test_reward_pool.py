@@ -111,8 +111,7 @@ def test_gauge_names_and_stage_without_rewards() -> None:
     assert gauge_name("ocr", "mean") == "soar_ray_reward_ocr_mean"
     assert gauge_name("pick-v1.5", "latency_seconds") == "soar_ray_reward_pick_v1_5_latency_seconds"
     job = JobConfig(name="j", data={"source": "synthetic"}, stages=[SoarStage()])
-    with pytest.raises(ValueError, match="stages.0: a soar stage has no rewards"):
-        RewardPool.for_stage(job, 0)
+    assert job.reward_names == [] and RewardPool.for_job(job) is None
 
 
 # ---- the pool on a real local Ray --------------------------------------------------------------
@@ -183,6 +182,16 @@ def test_submit_returns_at_once_and_batches_overlap(pool, want) -> None:
     check_output(out_first, want)
     check_output(out_second, {name: scores[::-1] for name, scores in want.items()})
     assert out_first.num_dropped == 0 and first.done()
+
+
+def test_images_by_object_ref_and_weights_per_submit(pool, want) -> None:
+    images, prompts, rows = sample_batch()
+    ref = ray.put(images)  # as a rollout worker returns them: the driver never holds the pixels
+    out = pool.submit(ref, prompts, rows, weights={"ocr": 2.0}).result(timeout=120)
+    np.testing.assert_array_equal(out.scores, 2.0 * want["ocr"])
+    assert "geneval" not in out.components and "ocr_exact" in out.components
+    with pytest.raises(ValueError, match=r"no actors for rewards \['pickscore'\]"):
+        pool.submit(ref, prompts, rows, weights={"pickscore": 1.0})
 
 
 def test_a_killed_actor_loses_no_batch(pool, want) -> None:

@@ -15,7 +15,8 @@ from soar_ray.cluster.groups import LearnerGroup
 from soar_ray.cluster.placement import create_topology
 from soar_ray.config import load_job
 from soar_ray.stages.pipeline import run_pipeline
-from soar_ray.workers.learner import soar_hyperparams
+from soar_ray.workers.learner import Learner
+from soar_ray.workers.soar import soar_hyperparams
 
 pytestmark = pytest.mark.slow
 
@@ -106,9 +107,9 @@ def _distributed_step(job, inputs):
     topology = create_topology(job.cluster)
     group = LearnerGroup(job, topology)
     try:
-        group.setup_stage(0)
-        metrics = group.train_on_inputs(inputs)
-        weights = ray.get(group.export_weights())
+        group.call(Learner.setup_stage, 0)
+        metrics = group.get(group.scatter(Learner.train, [(x,) for x in inputs]))[0]
+        weights = ray.get(group.first(Learner.export_weights))
     finally:
         group.kill()
         topology.remove()
@@ -116,8 +117,9 @@ def _distributed_step(job, inputs):
 
 
 def _reference_step(job, inputs):
-    learner = build_learner(job, 0, build_sd3(job), distributed=False)
-    metrics = learner.train_on_inputs(_concat(inputs))
+    learner = build_learner(job, build_sd3(job), distributed=False)
+    learner.setup_stage(0)
+    metrics = learner.train(_concat(inputs))
     return metrics, dict(learner.model.transformer.named_parameters())
 
 

@@ -23,7 +23,7 @@ def sde_step_with_logprob(
     noise_level: float,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    kind: str = "flow_sde",
+    sde_kind: str = "flow_sde",
     sigma_max: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One SDE step and its Gaussian log-prob (SPEC §3): (x', log_prob_B, mean, std), all fp32.
@@ -32,24 +32,24 @@ def sde_step_with_logprob(
     stands in for sigma = 1 in flow_sde; None takes sigma_next, which on a sampling grid is
     exactly the grid's sigmas[1] whenever sigma = 1 (the first step).
     """
-    if kind == "flow_sde":
+    if sde_kind == "flow_sde":
         sigma_max = sigma_next if sigma_max is None else sigma_max
         mean, std = flow_sde_mean_std(
             x, v, sigma, sigma_next, noise_level=noise_level, sigma_max=sigma_max
         )
         std_t = std * torch.sqrt(per_sample(sigma, x) - per_sample(sigma_next, x))
-    elif kind == "cps":
+    elif sde_kind == "cps":
         mean, std = cps_mean_std(x, v, sigma, sigma_next, noise_level=noise_level)
         std_t = std
     else:
-        raise ValueError(f"SDE kind must be one of {SDE_KINDS}, got {kind!r}")
+        raise ValueError(f"SDE kind must be one of {SDE_KINDS}, got {sde_kind!r}")
     if prev_sample is None:
         prev_sample = mean + std_t * standard_normal(mean, generator)
     elif prev_sample.shape != x.shape:
         raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != {tuple(x.shape)}")
     prev_sample = prev_sample.float()
     error = prev_sample.detach() - mean
-    if kind == "flow_sde":
+    if sde_kind == "flow_sde":
         log_norm = torch.log(std_t) + math.log(math.sqrt(2 * math.pi))
         log_density = -(error**2) / (2 * std_t**2) - log_norm
     else:
@@ -63,12 +63,12 @@ def group_advantages(
     prompt_ids_N: torch.Tensor,
     *,
     global_std: bool = True,
-    clip_max: float = 5.0,
+    adv_clip_max: float = 5.0,
     eps: float = 1e-4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prompt normalised advantages and the keep-mask of groups not all zero (SPEC §3).
 
-    A = clip((r - mean_prompt) / (std + eps), +-clip_max), std (population) over all rewards
+    A = clip((r - mean_prompt) / (std + eps), +-adv_clip_max), std (population) over all rewards
     when global_std, else over the prompt's group. prompt_ids_N: integer group id per sample.
     Computed in float64 like the reference, returned in the rewards' dtype.
     """
@@ -91,7 +91,7 @@ def group_advantages(
     else:
         var_G = torch.zeros_like(count_G).index_add_(0, group_N, centred_N**2) / count_G
         std_N = var_G.sqrt()[group_N]
-    advantages_N = (centred_N / (std_N + eps)).clamp(-clip_max, clip_max)
+    advantages_N = (centred_N / (std_N + eps)).clamp(-adv_clip_max, adv_clip_max)
     nonzero_G = torch.zeros_like(count_G).index_add_(0, group_N, (advantages_N != 0).double())
     keep_N = nonzero_G[group_N] > 0
     return advantages_N.to(rewards_N.dtype), keep_N

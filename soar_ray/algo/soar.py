@@ -30,6 +30,8 @@ from soar_ray.algo.flow import (
     weighted_mse,
 )
 
+AUX_EVALS = ("fused", "sequential")
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 """denoiser(x_BCHW, timestep_B, cond) -> v_BCHW, timestep = sigma * 1000."""
 
@@ -62,12 +64,12 @@ class SoarHyperParams:
     """Std of the logit-normal density."""
     mode_scale: float = 1.29
     """Scale of the mode density."""
-    loss_weighting: str = "none"
+    weighting_scheme: str = "none"
     """Per-sigma loss weight: none, sigma_sqrt or cosmap (the reference's logit_normal is none)."""
     sigma_upper_ratio: float | None = None
     """None: re-noise up to sigma 1 (the reference); else up to min(ratio * s0, 1)."""
-    fused: bool = True
-    """One batched forward for main and auxiliary points; False runs them one by one."""
+    aux_eval: str = "fused"
+    """`fused`: one batched forward for main and auxiliary points; `sequential`: one by one."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -80,7 +82,8 @@ class SoarHyperParams:
             "cond_dropout_rate": 0 <= self.cond_dropout_rate <= 1,
             "timestep_density": self.timestep_density in DENSITIES,
             "logit_std": self.logit_std > 0,
-            "loss_weighting": self.loss_weighting in WEIGHTINGS,
+            "weighting_scheme": self.weighting_scheme in WEIGHTINGS,
+            "aux_eval": self.aux_eval in AUX_EVALS,
             "sigma_upper_ratio": self.sigma_upper_ratio is None or self.sigma_upper_ratio > 0,
         }
         for name, ok in checks.items():
@@ -387,11 +390,11 @@ def soar_losses_from_inputs(
     target_main = z1.float() - z0.float()
     items = [(z_t0, ts0, cond)]
     items += [(p.latents, p.timesteps, index_cond(cond, p.indices)) for p in points]
-    predictions = _predict(denoiser, items, hp.fused)
+    predictions = _predict(denoiser, items, hp.aux_eval == "fused")
 
-    main_B = weighted_mse(predictions[0], target_main, loss_weight(s0, hp.loss_weighting))
+    main_B = weighted_mse(predictions[0], target_main, loss_weight(s0, hp.weighting_scheme))
     aux = [
-        weighted_mse(v, correction_target(p, z0), loss_weight(p.sigmas, hp.loss_weighting))
+        weighted_mse(v, correction_target(p, z0), loss_weight(p.sigmas, hp.weighting_scheme))
         for v, p in zip(predictions[1:], points)
     ]
     losses = SoarLosses(main_B, aux, z0.shape[0], sum(p.indices.numel() for p in points))

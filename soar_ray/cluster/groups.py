@@ -1,22 +1,29 @@
 """Actor groups with rank wiring: the learner group and the rollout pool, placed in the job's
-placement group and named by role (`learner-0`, `rollout-1`, ...) for the dashboard."""
+placement group and named by role (`learner-0`, `rollout-1`, ...) for the dashboard.
+
+Both offer the same few generic calls over a worker method (`Learner.train`,
+`RolloutWorker.load_weights`, ...): `submit` returns object refs at once, so the driver can keep
+sampling while the learners train; `call` waits for the results.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from itertools import cycle
 from typing import Any
 
-import numpy as np
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from soar_ray.algo.soar import SoarInputs
 from soar_ray.cluster.actors import LearnerActor, RolloutActor
 from soar_ray.cluster.placement import Topology, learner_resources, rollout_resources
 from soar_ray.config import JobConfig
 
+Method = Callable[..., Any]
 
-def _placement(topology: Topology, bundle: int, resources: dict[str, float], name: str) -> dict:
+
+def placement(topology: Topology, bundle: int, resources: dict[str, float], name: str) -> dict:
+    """Actor options that pin it to `bundle` of the job's placement group under `name`."""
     return {
         "name": name,
         "num_cpus": resources.get("CPU", 0.0),
@@ -35,7 +42,7 @@ class LearnerGroup:
         self.world_size = cluster.num_learners
         resources = learner_resources(cluster)
         self.actors = [
-            LearnerActor.options(**_placement(topology, bundle, resources, f"learner-{rank}"))
+            LearnerActor.options(**placement(topology, bundle, resources, f"learner-{rank}"))
             .remote(job, rank, self.world_size)
             for rank, bundle in enumerate(topology.learner_bundles)
         ]  # fmt: skip
@@ -44,55 +51,35 @@ class LearnerGroup:
             # Rank 0's node hosts the rendezvous; every rank joins with the same address and port.
             master_addr, master_port = ray.get(self.actors[0].master_address.remote(),
                                                timeout=cluster.start_timeout_s)  # fmt: skip
-            self._all(lambda a: a.init_process_group.remote(master_addr, master_port),
-                      timeout=cluster.start_timeout_s)  # fmt: skip
+            ray.get([a.init_process_group.remote(master_addr, master_port) for a in self.actors],
+                    timeout=cluster.start_timeout_s)  # fmt: skip
         except BaseException:
             self.kill()  # a half-formed group holds its bundles for nothing
             raise
 
-    def _all(self, call, timeout: float | None = None) -> list[Any]:
-        """call(actor) -> ObjectRef on every rank, then wait for all of them."""
-        return ray.get([call(actor) for actor in self.actors], timeout=timeout or self.timeout_s)
+    def submit(self, method: Method, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """`method(learner, *args)` on every rank; refs at once (collectives need every rank)."""
+        return [actor.call.remote(method, *args, **kwargs) for actor in self.actors]
 
-    def setup_stage(self, stage_index: int) -> None:
-        self._all(lambda a: a.setup_stage.remote(stage_index))
+    def scatter(self, method: Method, per_rank: Sequence[tuple]) -> list[ray.ObjectRef]:
+        """`method(learner, *per_rank[r])` on rank r; refs at once. Object refs among the
+        arguments arrive resolved, so each rank fetches only its own shard."""
+        if len(per_rank) != self.world_size:
+            raise ValueError(f"{len(per_rank)} shards for {self.world_size} learners")
+        return [actor.call.remote(method, *args) for actor, args in zip(self.actors, per_rank)]
 
-    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, float]:
-        """One colocated step, rank r on batches[r]; metrics are global (all-reduced)."""
-        self._check_shards(batches)
-        return self._get([a.train_step.remote(b) for a, b in zip(self.actors, batches)])[0]
+    def call(self, method: Method, *args: Any, **kwargs: Any) -> list[Any]:
+        """Every rank's result of `method(learner, *args)`, waited for."""
+        return self.get(self.submit(method, *args, **kwargs))
 
-    def train_on_inputs(self, inputs: list[ray.ObjectRef | SoarInputs]) -> dict[str, float]:
-        """One step on rollout-prepared inputs, rank r on inputs[r]."""
-        self._check_shards(inputs)
-        return self._get([a.train_on_inputs.remote(x) for a, x in zip(self.actors, inputs)])[0]
-
-    def _check_shards(self, shards: list[Any]) -> None:
-        if len(shards) != self.world_size:
-            raise ValueError(f"{len(shards)} shards for {self.world_size} learners")
-
-    def _get(self, refs: list[ray.ObjectRef]) -> list[Any]:
-        return ray.get(refs, timeout=self.timeout_s)
-
-    def export_weights(self) -> ray.ObjectRef:
-        """Rank 0's trainable weights as an ObjectRef (every rank takes part: ZeRO-3 gathers)."""
-        refs = [actor.export_weights.remote() for actor in self.actors]
-        ray.get(refs[1:], timeout=self.timeout_s)  # the other ranks only join the gather
+    def first(self, method: Method, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        """Rank 0's result as a ref, once every rank is done (ZeRO-3 gathers are collective)."""
+        refs = self.submit(method, *args, **kwargs)
+        self.get(refs[1:])
         return refs[0]
 
-    def save_checkpoint(self, folder: Path) -> None:
-        self._all(lambda a: a.save_checkpoint.remote(str(folder)))
-
-    def load_checkpoint(self, folder: Path) -> None:
-        self._all(lambda a: a.load_checkpoint.remote(str(folder)))
-
-    def save_transformer(self, path: Path) -> Path:
-        saved = self._all(lambda a: a.save_transformer.remote(str(path)))
-        return Path(saved[0])
-
-    def generate_images(self, prompts: list[str], **kwargs: Any) -> np.ndarray:
-        """Rank 0's images; every rank renders (ZeRO-3 gathers are collective)."""
-        return self._all(lambda a: a.generate_images.remote(prompts, **kwargs))[0]
+    def get(self, refs: Sequence[ray.ObjectRef]) -> list[Any]:
+        return ray.get(list(refs), timeout=self.timeout_s)
 
     def kill(self) -> None:
         for actor in self.actors:
@@ -100,42 +87,38 @@ class LearnerGroup:
 
 
 class RolloutPool:
-    """M rollout actors holding inference copies; work is spread round-robin."""
+    """M rollout actors holding inference copies; `submit` spreads work round-robin."""
 
     def __init__(self, job: JobConfig, topology: Topology) -> None:
         cluster = job.cluster
         resources = rollout_resources(cluster)
         self.actors = [
             RolloutActor.options(
-                **_placement(topology, bundle, resources, f"rollout-{index}"),
+                **placement(topology, bundle, resources, f"rollout-{index}"),
                 max_restarts=cluster.max_actor_restarts,
             ).remote(job, index)  # fmt: skip
             for index, bundle in enumerate(topology.rollout_bundles)
         ]
         self.timeout_s = cluster.call_timeout_s
+        self._turn = cycle(range(len(self.actors)))
 
     def __len__(self) -> int:
         return len(self.actors)
 
-    def set_stage(self, stage_index: int) -> None:
-        ray.get([a.set_stage.remote(stage_index) for a in self.actors], timeout=self.timeout_s)
+    def submit(self, method: Method, *args: Any, num_returns: int = 1, **kwargs: Any) -> Any:
+        """`method(worker, *args, **kwargs)` on the next worker in turn: its ref (a list of refs
+        when `num_returns` > 1, one per returned item)."""
+        actor = self.actors[next(self._turn)]
+        return actor.call.options(num_returns=num_returns).remote(method, *args, **kwargs)
 
-    def load_weights(self, weights: ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
-        """Queue the weights on every worker; calls on an actor run in order, so work submitted
-        after this sees the new version."""
-        return [actor.load_weights.remote(weights, version) for actor in self.actors]
+    def broadcast(self, method: Method, *args: Any) -> list[ray.ObjectRef]:
+        """`method(worker, *args)` on every worker; calls on one actor run in submission order,
+        so work submitted after a broadcast sees its effect."""
+        return [actor.call.remote(method, *args) for actor in self.actors]
 
-    def prepare_soar(self, batches: list[dict[str, Any]]) -> list[ray.ObjectRef]:
-        """One (SoarInputs, version) ref per learner rank, spread over the workers."""
-        refs = []
-        for rank, batch in enumerate(batches):
-            actor = self.actors[rank % len(self.actors)]
-            refs.append(actor.prepare_soar.options(num_returns=2).remote(batch))
-        return refs
-
-    def generate_images(self, prompts: list[str], **kwargs: Any) -> np.ndarray:
-        return ray.get(self.actors[0].generate_images.remote(prompts, **kwargs),
-                       timeout=self.timeout_s)  # fmt: skip
+    def call(self, method: Method, *args: Any) -> list[Any]:
+        """Every worker's result of `method(worker, *args)`, waited for."""
+        return ray.get(self.broadcast(method, *args), timeout=self.timeout_s)
 
     def kill(self) -> None:
         for actor in self.actors:

@@ -1,29 +1,34 @@
-"""One placement group per job: a bundle per learner (GPU or CPU) and per rollout worker.
+"""One placement group per job: a bundle per learner (GPU or CPU), per rollout worker and per
+reward-scoring actor.
 
 With `cluster.colocate_rollout_with_learners`, rollout workers share the learners' bundles
-(fractional GPUs) instead of getting their own. The request is checked against the cluster before
+(fractional GPUs) instead of getting their own. Reward actors get a bundle each, sized by
+`cluster.reward_actors.<name>`, so the whole job holds its resources from the start. The request is checked against the cluster before
 anything starts, so a topology that cannot fit is an error naming the config fields.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
-from soar_ray.config import ClusterConfig, ConfigError
+from soar_ray.config import ClusterConfig, ConfigError, RewardActorsConfig
 
 Bundle = dict[str, float]
 
 
 @dataclass(frozen=True)
 class Topology:
-    """The placement group and which bundle each learner and rollout worker uses."""
+    """The placement group and which bundle each learner, rollout worker and reward actor uses."""
 
     group: PlacementGroup
     learner_bundles: list[int]
     rollout_bundles: list[int]
+    reward_bundles: dict[str, list[int]] = field(default_factory=dict)
+    """Reward name -> the bundle of each of its scoring actors."""
 
     def remove(self) -> None:
         remove_placement_group(self.group)
@@ -42,8 +47,15 @@ def rollout_resources(cluster: ClusterConfig) -> Bundle:
     return _resources(gpus, cluster.cpus_per_rollout_worker)
 
 
-def plan_bundles(cluster: ClusterConfig) -> tuple[list[Bundle], list[int], list[int]]:
-    """Bundles and the bundle index of every learner and rollout worker."""
+def reward_resources(cluster: ClusterConfig, reward: str) -> Bundle:
+    spec = cluster.reward_actors.get(reward, RewardActorsConfig())
+    return _resources(spec.num_gpus, spec.num_cpus)
+
+
+def plan_bundles(
+    cluster: ClusterConfig, rewards: Sequence[str] = ()
+) -> tuple[list[Bundle], list[int], list[int], dict[str, list[int]]]:
+    """Bundles and the bundle index of every learner, rollout worker and reward actor."""
     learner = learner_resources(cluster)
     bundles = [dict(learner) for _ in range(cluster.num_learners)]
     learner_bundles = list(range(cluster.num_learners))
@@ -57,7 +69,12 @@ def plan_bundles(cluster: ClusterConfig) -> tuple[list[Bundle], list[int], list[
         start = len(bundles)
         bundles += [dict(rollout) for _ in range(cluster.num_rollout_workers)]
         rollout_bundles = list(range(start, start + cluster.num_rollout_workers))
-    return bundles, learner_bundles, rollout_bundles
+    reward_bundles = {}
+    for reward in rewards:
+        num_actors = cluster.reward_actors.get(reward, RewardActorsConfig()).num_actors
+        reward_bundles[reward] = list(range(len(bundles), len(bundles) + num_actors))
+        bundles += [reward_resources(cluster, reward) for _ in range(num_actors)]
+    return bundles, learner_bundles, rollout_bundles, reward_bundles
 
 
 def check_fits(cluster: ClusterConfig, bundles: list[Bundle]) -> None:
@@ -65,8 +82,8 @@ def check_fits(cluster: ClusterConfig, bundles: list[Bundle]) -> None:
     total = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     fields = {
-        "GPU": "cluster.num_learners x cluster.gpus_per_learner + rollout GPUs",
-        "CPU": "cluster.num_learners x cluster.cpus_per_learner + rollout CPUs",
+        "GPU": "cluster.num_learners x cluster.gpus_per_learner + rollout and reward GPUs",
+        "CPU": "cluster.num_learners x cluster.cpus_per_learner + rollout and reward CPUs",
     }
     for key in ("GPU", "CPU"):
         need = sum(b.get(key, 0.0) for b in bundles)
@@ -90,9 +107,9 @@ def _largest(nodes: list[dict[str, float]]) -> Bundle:
     return {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("GPU", "CPU")}
 
 
-def create_topology(cluster: ClusterConfig) -> Topology:
+def create_topology(cluster: ClusterConfig, rewards: Sequence[str] = ()) -> Topology:
     """Reserve the job's placement group; waits up to `cluster.start_timeout_s`."""
-    bundles, learner_bundles, rollout_bundles = plan_bundles(cluster)
+    bundles, learner_bundles, rollout_bundles, reward_bundles = plan_bundles(cluster, rewards)
     check_fits(cluster, bundles)
     group = placement_group(bundles, strategy=cluster.placement_strategy, name="soar_ray")
     ready, _ = ray.wait([group.ready()], timeout=cluster.start_timeout_s)
@@ -102,4 +119,4 @@ def create_topology(cluster: ClusterConfig) -> Topology:
             f"cluster.start_timeout_s: the placement group {bundles} was not placed within "
             f"{cluster.start_timeout_s:g} s; the cluster may be busy or too small"
         )
-    return Topology(group, learner_bundles, rollout_bundles)
+    return Topology(group, learner_bundles, rollout_bundles, reward_bundles)

@@ -1,16 +1,19 @@
 """The reward pool (DESIGN.md, Topology): per reward model K stateless scoring actors.
 
-    pool = RewardPool.for_stage(job, stage_index)
-    handle = pool.submit(images, prompts, metadata)  # returns at once; the actors score meanwhile
-    ...                                              # sample the next batch
-    out = handle.result()                            # out.scores: the stage's weighted total
+    pool = RewardPool.for_job(job, topology)
+    handle = pool.submit(images, prompts, metadata, weights)  # at once; the actors score meanwhile
+    ...                                                       # sample the next batch
+    out = handle.result()                                     # out.scores: the weighted total
 
-Actors are named `reward-<name>-<i>` (dashboard), use `cluster.reward_actors.<name>` resources,
-restart up to `cluster.max_actor_restarts` times, and a call in flight on an actor that dies is
-run again after the restart (`cluster.max_task_retries`), so a lost actor loses no batch. A batch
-is cut into chunks of `rewards.<name>.batch_size` spread round-robin over the reward's actors;
-images travel as uint8 arrays through the object store, each chunk put once and shared by every
-reward that scores the same chunk. Gauges `soar_ray_reward_<name>_{mean,std,latency_seconds}`
+Actors are named `reward-<name>-<i>` (dashboard), use `cluster.reward_actors.<name>` resources
+(in the job's placement group when given its topology), restart up to `cluster.max_actor_restarts`
+times, and a call in flight on an actor that dies is run again after the restart
+(`cluster.max_task_retries`), so a lost actor loses no batch. A batch is cut into chunks of
+`rewards.<name>.batch_size` spread round-robin over the reward's actors. Images travel as uint8
+arrays through the object store: a list is put once per chunk and shared by every reward that
+scores the chunk; an object ref of a uint8 array [N, H, W, 3] (a rollout worker's output) goes to
+the actors as it is, each slicing its chunk, so the images never pass through the driver and
+scoring starts as soon as they exist. Gauges `soar_ray_reward_<name>_{mean,std,latency_seconds}`
 go to the Ray metrics endpoint.
 """
 
@@ -29,7 +32,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.metrics import Gauge
 
 from rewards.base import ImageLike, check_batch, to_uint8
-from soar_ray.config import ClusterConfig, GrpoStage, JobConfig, RewardActorsConfig, RewardConfig
+from soar_ray.cluster.groups import placement
+from soar_ray.cluster.placement import Topology, reward_resources
+from soar_ray.config import ClusterConfig, JobConfig, RewardActorsConfig, RewardConfig
 from soar_ray.metrics import ray_report_interval_s
 from soar_ray.workers.scorer import Metadata, RewardScoreError, RewardScorer, ScoredChunk
 
@@ -50,8 +55,15 @@ class RewardActor:
         self.scorer = RewardScorer(name, config)
 
     def score(
-        self, images: list[np.ndarray], prompts: list[str], metadata: list[Any]
+        self,
+        images: list[np.ndarray] | np.ndarray,
+        prompts: list[str],
+        metadata: list[Any],
+        window: tuple[int, int] | None = None,
     ) -> ScoredChunk:
+        """Score `images`, or `images[start:stop]` for a `window` (start, stop)."""
+        if window is not None:
+            images = list(images[window[0] : window[1]])
         return self.scorer.score(images, prompts, metadata)
 
     def pid(self) -> int:
@@ -187,8 +199,9 @@ def combine(
 class RewardHandle:
     """Scores in flight for one batch; `result()` waits for them."""
 
-    def __init__(self, pool: RewardPool, num_samples: int, calls: list[ScoringCall]) -> None:
-        self._pool, self._num_samples, self.calls = pool, num_samples, calls
+    def __init__(self, pool: RewardPool, weights: Mapping[str, float], num_samples: int,
+                 calls: list[ScoringCall]) -> None:  # fmt: skip
+        self._pool, self.weights, self._num_samples, self.calls = pool, weights, num_samples, calls
         self._output: PoolOutput | None = None
 
     def done(self) -> bool:
@@ -207,9 +220,9 @@ class RewardHandle:
                 if isinstance(exc.cause, RewardScoreError):
                     raise exc.cause from None  # its message names the reward and the prompt
                 raise
-            output = combine(self._pool.weights, self._num_samples, self.calls, scored)
+            output = combine(self.weights, self._num_samples, self.calls, scored)
             kept = output.kept
-            for name in self._pool.weights:
+            for name in self.weights:
                 scores = output.components[name][kept]
                 self._pool.gauges.record(name, scores, output.seconds[name])
             self._output = output
@@ -225,45 +238,51 @@ class RewardPool:
         configs: Mapping[str, RewardConfig],
         cluster: ClusterConfig,
         actor_prefix: str = "reward",
+        topology: Topology | None = None,
     ) -> None:
-        """Actors are named `<actor_prefix>-<reward>-<i>`; two pools alive at once in one Ray
-        namespace need different prefixes."""
+        """Every reward in `weights` gets actors; `weights` are also the default of `submit`.
+        Actors are named `<actor_prefix>-<reward>-<i>`; two pools alive at once in one Ray
+        namespace need different prefixes. With a `topology`, actor i of reward r runs in the
+        bundle `topology.reward_bundles[r][i]` of the job's placement group."""
         if not weights:
             raise ValueError("RewardPool: weights must name at least one reward")
         self.weights = {name: float(weight) for name, weight in weights.items()}
         self.configs = {name: configs.get(name, RewardConfig()) for name in self.weights}
         self.timeout_s = cluster.call_timeout_s
         self.actors = {
-            name: self._start_actors(name, cluster, actor_prefix) for name in self.weights
+            name: self._start_actors(name, cluster, actor_prefix, topology) for name in self.weights
         }
         self._turn = dict.fromkeys(self.weights, 0)
         self.gauges = RewardGauges(list(self.weights))
         self._wait_ready(cluster.start_timeout_s)
 
     @classmethod
-    def for_stage(cls, job: JobConfig, stage_index: int) -> RewardPool:
-        """The pool of a GRPO stage: its reward weights, `job.rewards` and `job.cluster`."""
-        stage = job.stages[stage_index]
-        if not isinstance(stage, GrpoStage):
-            raise ValueError(f"stages.{stage_index}: a {stage.algorithm} stage has no rewards")
-        return cls(stage.rewards, job.rewards, job.cluster)
+    def for_job(cls, job: JobConfig, topology: Topology | None = None) -> RewardPool | None:
+        """The job's pool: actors for every reward its GRPO stages train on or evaluate with
+        (`job.reward_names`); None for a job without rewards. Stages pass their weights."""
+        if not job.reward_names:
+            return None
+        return cls(dict.fromkeys(job.reward_names, 1.0), job.rewards, job.cluster,
+                   topology=topology)  # fmt: skip
 
     def _start_actors(
-        self, name: str, cluster: ClusterConfig, prefix: str
+        self, name: str, cluster: ClusterConfig, prefix: str, topology: Topology | None
     ) -> list[ray.actor.ActorHandle]:
         spec = cluster.reward_actors.get(name, RewardActorsConfig())
         options = {
-            "num_cpus": spec.num_cpus,
-            "num_gpus": spec.num_gpus,
             "max_restarts": cluster.max_actor_restarts,
             "max_task_retries": cluster.max_task_retries,
         }
-        return [
-            RewardActor.options(name=f"{prefix}-{name}-{i}", **options).remote(
-                name, self.configs[name]
-            )
-            for i in range(spec.num_actors)
-        ]
+        actors = []
+        for i in range(spec.num_actors):
+            actor_name = f"{prefix}-{name}-{i}"
+            if topology is not None:
+                bundle = topology.reward_bundles[name][i]
+                where = placement(topology, bundle, reward_resources(cluster, name), actor_name)
+            else:
+                where = {"name": actor_name, "num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
+            actors.append(RewardActor.options(**where, **options).remote(name, self.configs[name]))
+        return actors
 
     def _wait_ready(self, timeout_s: float) -> None:
         """Wait until every actor has loaded its model; a load error names the reward."""
@@ -285,27 +304,41 @@ class RewardPool:
                 ) from exc
 
     def submit(
-        self, images: Sequence[ImageLike], prompts: Sequence[str], metadata: Metadata = None
+        self,
+        images: Sequence[ImageLike] | ray.ObjectRef,
+        prompts: Sequence[str],
+        metadata: Metadata = None,
+        weights: Mapping[str, float] | None = None,
     ) -> RewardHandle:
-        """Start scoring a batch on every reward's actors; returns at once."""
-        rows = check_batch("reward pool", images, prompts, metadata)
-        if len(images) == 0:
+        """Start scoring a batch on the actors of every reward in `weights` (default: the pool's
+        weights); returns at once. `images`: images, or a ref of a uint8 array [N, H, W, 3]."""
+        weights = self.weights if weights is None else {k: float(v) for k, v in weights.items()}
+        unknown = sorted(set(weights) - set(self.actors))
+        if unknown:
+            raise ValueError(f"RewardPool.submit: no actors for rewards {unknown}")
+        by_ref = isinstance(images, ray.ObjectRef)
+        num = len(prompts) if by_ref else len(images)
+        rows = check_batch("reward pool", range(num) if by_ref else images, prompts, metadata)
+        if num == 0:
             raise ValueError("RewardPool.submit: no images")
-        arrays = [to_uint8(image) for image in images]
+        arrays = None if by_ref else [to_uint8(image) for image in images]
         puts: dict[tuple[int, int], ray.ObjectRef] = {}
         calls = []
-        for name, actors in self.actors.items():
-            batch_size = self.configs[name].batch_size
-            for start in range(0, len(arrays), batch_size):
-                stop = min(start + batch_size, len(arrays))
-                if (start, stop) not in puts:
-                    puts[start, stop] = ray.put(arrays[start:stop])
+        for name in weights:
+            actors, batch_size = self.actors[name], self.configs[name].batch_size
+            for start in range(0, num, batch_size):
+                stop = min(start + batch_size, num)
+                if by_ref:
+                    args = (images, list(prompts[start:stop]), rows[start:stop], (start, stop))
+                else:
+                    if (start, stop) not in puts:
+                        puts[start, stop] = ray.put(arrays[start:stop])
+                    args = (puts[start, stop], list(prompts[start:stop]), rows[start:stop])
                 index = self._turn[name] % len(actors)
                 self._turn[name] += 1
-                ref = actors[index].score.remote(puts[start, stop], list(prompts[start:stop]),
-                                                 rows[start:stop])  # fmt: skip
-                calls.append(ScoringCall(name, index, start, stop, ref))
-        return RewardHandle(self, len(arrays), calls)
+                calls.append(ScoringCall(name, index, start, stop,
+                                         actors[index].score.remote(*args)))  # fmt: skip
+        return RewardHandle(self, weights, num, calls)
 
     def shutdown(self) -> None:
         """Kill every actor (no restart) and stop refreshing the gauges."""

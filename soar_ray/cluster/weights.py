@@ -13,11 +13,13 @@ from typing import Protocol
 import ray
 
 from soar_ray.cluster.groups import LearnerGroup, RolloutPool
+from soar_ray.workers.learner import Learner
+from soar_ray.workers.rollout import RolloutWorker
 
 
 class WeightSync(Protocol):
-    def push(self, version: int) -> None:
-        """Start sending the learners' current weights, stamped `version`."""
+    def push(self, version: int, *, ema: bool = False) -> None:
+        """Start sending the learners' current (or EMA) weights, stamped `version`."""
 
     def wait(self) -> None:
         """Block until every rollout worker holds the last pushed version."""
@@ -31,9 +33,10 @@ class ObjectStoreWeightSync:
         self._pending: list[ray.ObjectRef] = []
         self.version = -1
 
-    def push(self, version: int) -> None:
-        weights = self.learners.export_weights()  # an ObjectRef: the driver never copies it
-        self._pending = self.rollouts.load_weights(weights, version)
+    def push(self, version: int, *, ema: bool = False) -> None:
+        # An ObjectRef: the driver never copies the weights.
+        weights = self.learners.first(Learner.export_weights, ema=ema)
+        self._pending = self.rollouts.broadcast(RolloutWorker.load_weights, weights, version)
         self.version = version
 
     def wait(self) -> None:

@@ -49,7 +49,6 @@ from soar_ray.config.schema import (
 from soar_ray.config.stages import (
     SPEC_LORA_TARGETS,
     STAGE_TYPES,
-    DensityConfig,
     EmaConfig,
     GrpoEmaConfig,
     GrpoLoraConfig,
@@ -73,7 +72,6 @@ __all__ = [
     "Count",
     "DataConfig",
     "DeepSpeedConfig",
-    "DensityConfig",
     "EmaConfig",
     "GrpoEmaConfig",
     "GrpoLoraConfig",

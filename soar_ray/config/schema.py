@@ -29,7 +29,9 @@ DEFAULT_SAMPLE_PROMPTS = (
 )
 # Rewards whose models ship with their Python package (rapidocr, the OpenCV COCO detector) run
 # without options; every other reward needs local checkpoint paths under `rewards`.
-OPTION_FREE_REWARDS = frozenset({"ocr", "geneval"})
+OPTION_FREE_REWARDS = frozenset(
+    {"ocr", "geneval", "jpeg_compressibility", "jpeg_incompressibility"}
+)
 
 
 class ModelConfig(Section):
@@ -67,8 +69,8 @@ class PromptsConfig(Section):
 
     path: str
     """Prompt file."""
-    kind: Literal["txt", "geneval"] = "txt"
-    """`txt`: one prompt a line; `geneval`: GenEval metadata JSONL."""
+    kind: Literal["text", "ocr", "geneval"] = "text"
+    """`text`: a prompt a line; `ocr`: each with one "quoted" target; `geneval`: metadata JSONL."""
 
 
 class DataConfig(Section):
@@ -113,6 +115,12 @@ class RewardActorsConfig(Section):
     """GPUs per actor (a fraction shares a GPU)."""
     num_cpus: NonNegFloat = 1.0
     """Ray logical CPUs per actor."""
+
+    @model_validator(mode="after")
+    def _check_reserves(self) -> RewardActorsConfig:
+        if self.num_cpus == 0 and self.num_gpus == 0:
+            raise ValueError("num_cpus: an actor must reserve some CPU or GPU (both are 0)")
+        return self
 
 
 class ClusterConfig(Section):
@@ -254,6 +262,15 @@ class JobConfig(Section):
         return [s.name or f"{i}-{s.algorithm}" for i, s in enumerate(self.stages)]
 
     @property
+    def reward_names(self) -> list[str]:
+        """Every reward the GRPO stages train on or evaluate with, in first-use order."""
+        names: dict[str, None] = {}
+        for stage in self.stages:
+            if isinstance(stage, GrpoStage):
+                names |= dict.fromkeys([*stage.rewards, *stage.eval_rewards])
+        return list(names)
+
+    @property
     def output_path(self) -> Path:
         """`output_dir` with its placeholders filled."""
         return Path(format_path(self.output_dir, "output_dir", name=self.name, seed=self.seed))
@@ -297,14 +314,37 @@ class JobConfig(Section):
                 )
 
     def _check_grpo_stage(self, i: int, stage: GrpoStage) -> None:
+        import rewards as registry  # the names only; no reward model is imported
+
         if self.data.prompts is None:
             raise ValueError(f"data.prompts: must be set: stage {i} is a grpo stage")
-        for reward in stage.rewards:
+        if self.cluster.num_rollout_workers < 1:
+            raise ValueError(
+                f"cluster.num_rollout_workers: stage {i} is a grpo stage, which samples on "
+                "rollout workers; set it >= 1 (colocate_rollout_with_learners shares their GPUs)"
+            )
+        fields = [(f"stages.{i}.rewards.{r}", r) for r in stage.rewards]
+        fields += [(f"stages.{i}.eval_rewards.{k}", r) for k, r in enumerate(stage.eval_rewards)]
+        for field, reward in fields:
+            if reward not in registry.REGISTRY:
+                raise ValueError(f"{field}: unknown reward {reward!r}; known: {registry.names()}")
             if reward not in self.rewards and reward not in OPTION_FREE_REWARDS:
                 raise ValueError(
-                    f"stages.{i}.rewards.{reward}: not configured; add rewards.{reward}.options "
+                    f"{field}: {reward!r} is not configured; add rewards.{reward}.options "
                     f"(only {sorted(OPTION_FREE_REWARDS)} run without options)"
                 )
+        if stage.eval_every and self.data.eval_prompts is None:
+            raise ValueError(
+                f"data.eval_prompts: must be set: stage {i} evaluates every "
+                f"{stage.eval_every} epochs (stages.{i}.eval_every 0 turns evaluation off)"
+            )
+        ranks = self.cluster.num_learners * stage.num_updates_per_epoch
+        if stage.group_size * stage.num_groups_per_epoch % ranks:
+            raise ValueError(
+                f"stages.{i}.num_groups_per_epoch: group_size x num_groups_per_epoch = "
+                f"{stage.group_size * stage.num_groups_per_epoch} images must split evenly over "
+                f"cluster.num_learners x num_updates_per_epoch = {ranks}"
+            )
 
     @model_validator(mode="after")
     def _check_resources(self) -> JobConfig:
@@ -328,7 +368,7 @@ class JobConfig(Section):
                     "cluster.gpus_per_rollout_worker: colocated workers share a learner's GPU, "
                     "so gpus_per_learner + gpus_per_rollout_worker must be <= 1"
                 )
-        used = set(self.rewards).union(*(s.rewards for s in self.stages if s.algorithm == "grpo"))
+        used = set(self.rewards).union(self.reward_names)
         for reward in cluster.reward_actors:
             if reward not in used:
                 raise ValueError(

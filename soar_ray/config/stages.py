@@ -98,19 +98,6 @@ class GrpoEmaConfig(EmaConfig):
     """Keep an EMA of the trainable weights; on by default for Flow-GRPO (SPEC §3)."""
 
 
-class DensityConfig(Section):
-    """Timestep density of t0 (SPEC §0)."""
-
-    scheme: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
-    """Density of t0 (diffusers `compute_density_for_timestep_sampling`, SPEC §0)."""
-    logit_mean: float = 0.0
-    """Mean of the normal behind `logit_normal`."""
-    logit_std: PosFloat = 1.0
-    """Standard deviation of the normal behind `logit_normal`."""
-    mode_scale: float = 1.29
-    """Scale of the `mode` density."""
-
-
 class StageBase(Section):
     """Fields every stage has."""
 
@@ -147,8 +134,14 @@ class SoarStage(StageBase):
     """Probability that a batch trains on the uncond embeddings (reference script default 0)."""
     weighting_scheme: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     """Loss weight w(sigma) (SPEC §0); the reference's `logit_normal` weights by 1, i.e. `none`."""
-    density: DensityConfig = DensityConfig()
-    """Timestep density of t0."""
+    timestep_density: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
+    """Density of t0 (diffusers `compute_density_for_timestep_sampling`, SPEC §0)."""
+    logit_mean: float = 0.0
+    """Mean of the normal behind `logit_normal`."""
+    logit_std: PosFloat = 1.0
+    """Standard deviation of the normal behind `logit_normal`."""
+    mode_scale: float = 1.29
+    """Scale of the `mode` density."""
     aux_eval: Literal["fused", "sequential"] = "fused"
     """One batched forward for main and aux points, or one forward each (tight memory)."""
     mode: Literal["colocated", "disaggregated"] = "colocated"
@@ -177,7 +170,11 @@ class GrpoStage(StageBase):
     eval_num_sampling_steps: Count = 40
     """ODE steps of an evaluation rollout (noise 0)."""
     eval_every: NonNegInt = 60
-    """Epochs between evaluations on `data.eval_prompts`; 0 turns them off."""
+    """Epochs between evaluations on `data.eval_prompts` (and before the first); 0: none."""
+    num_eval_prompts: Count | None = None
+    """Evaluate on the first prompts of `data.eval_prompts` only; null uses all of them."""
+    eval_rewards: list[Word] = []
+    """Rewards scored at evaluation only, next to `rewards` (a held-out one shows over-optimisation)."""
     cfg_scale: NonNegFloat = 4.5
     """CFG guidance in sampling and in the training forward."""
     group_size: Annotated[int, Field(ge=2)] = 24
@@ -185,13 +182,13 @@ class GrpoStage(StageBase):
     num_groups_per_epoch: Count = 48
     """Prompts (groups) sampled per epoch, over all rollout ranks."""
     sample_batch_size: Count = 9
-    """Images per rollout forward on one worker."""
+    """Images per rollout call (one CFG forward of 2 x this per step) on one worker."""
     train_batch_size: Count = 9
-    """Trajectories per training micro-batch on one learner."""
+    """Trajectories per training micro-batch on one learner (one CFG forward/backward per step)."""
     num_updates_per_epoch: Count = 2
-    """Optimizer steps per epoch; gradients accumulate over the epoch's batches and timesteps."""
+    """Optimizer steps per pass over an epoch's trajectories (each accumulates its micro-batches)."""
     num_inner_epochs: Count = 1
-    """Passes over one epoch's trajectories."""
+    """Passes over one epoch's trajectories, each reshuffled."""
     noise_level: NonNegFloat = 0.7
     """SDE noise level eta."""
     sde_kind: Literal["flow_sde", "cps"] = "flow_sde"
@@ -207,7 +204,7 @@ class GrpoStage(StageBase):
     beta: NonNegFloat = 0.04
     """KL weight (0.04 for OCR/GenEval, 0.01 for PickScore)."""
     max_staleness: NonNegInt = 0
-    """Policy versions the rollout of the next epoch may lag the learner; 0 is on-policy."""
+    """Epochs the rollout may run ahead of training: 0 is on-policy, k samples epoch n+k during n."""
     rewards: dict[Word, float] = Field(default_factory=lambda: {"ocr": 1.0}, min_length=1)
     """Reward name -> weight; the reward is the weighted sum."""
     optimizer: GrpoOptimizerConfig = GrpoOptimizerConfig()
@@ -223,6 +220,14 @@ class GrpoStage(StageBase):
             raise ValueError("timestep_fraction: trains on no step; floor(T * fraction) is 0")
         if not any(self.rewards.values()):
             raise ValueError("rewards: every weight is 0")
+        num_images = self.group_size * self.num_groups_per_epoch
+        per_update = num_images // self.num_updates_per_epoch
+        if self.group_size > per_update:
+            raise ValueError(
+                f"group_size: {self.group_size} images per prompt is larger than the batch of one "
+                f"update (group_size x num_groups_per_epoch / num_updates_per_epoch = "
+                f"{per_update}); raise num_groups_per_epoch or lower num_updates_per_epoch"
+            )
         return self
 
 

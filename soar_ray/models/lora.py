@@ -22,21 +22,33 @@ LORA_TARGETS = (
 )
 
 
+# Config name -> peft `init_lora_weights`.
+LORA_INITS = {"gaussian": "gaussian", "default": True}
+
+
 def add_lora(
     transformer: SD3Transformer2DModel,
     rank: int = 32,
     alpha: float = 64.0,
     targets: Sequence[str] = LORA_TARGETS,
     seed: int = 0,
+    init: str = "gaussian",
+    dropout: float = 0.0,
 ) -> None:
-    """Attach a gaussian-init LoRA (SPEC §3; B = 0 keeps the output) and freeze the base weights."""
+    """Attach LoRA adapters and freeze the base weights; B = 0 at init keeps the output.
+
+    init: `gaussian` (SPEC §3: A ~ N(0, 1/r)) or `default` (peft's Kaiming-uniform A).
+    """
     if rank < 1 or alpha <= 0:
         raise ValueError(f"LoRA needs rank >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")
+    if init not in LORA_INITS:
+        raise ValueError(f"LoRA init must be one of {tuple(LORA_INITS)}, got {init!r}")
     if has_lora(transformer):
         raise ValueError("the transformer already carries LoRA adapters")
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)
-    )
+        r=rank, lora_alpha=alpha, init_lora_weights=LORA_INITS[init], lora_dropout=dropout,
+        target_modules=list(targets),
+    )  # fmt: skip
     # peft draws A from the global RNG; a private stream from `seed` makes every rank identical.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -45,6 +45,30 @@ def check_cond(cond: Cond, batch_size: int) -> None:
             )
 
 
+def sd3_denoise(
+    transformer: SD3Transformer2DModel, x_BCHW: torch.Tensor, timestep_B: torch.Tensor, cond: Cond
+) -> torch.Tensor:
+    """The denoiser contract over an SD3 transformer: velocity z1 - z0 at timestep = sigma * 1000,
+    in the dtype of `x_BCHW`."""
+    batch_size = x_BCHW.shape[0]
+    if x_BCHW.ndim != 4 or timestep_B.shape != (batch_size,):
+        raise ValueError(
+            f"expected x [B, C, H, W] and timestep [B], got {tuple(x_BCHW.shape)} and "
+            f"{tuple(timestep_B.shape)}"
+        )
+    check_cond(cond, batch_size)
+    # The transformer runs in its own dtype (bf16 in training); the caller's math stays in its.
+    dtype = param_dtype(transformer)
+    v_BCHW = transformer(
+        hidden_states=x_BCHW.to(dtype),
+        encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+        pooled_projections=cond["pooled_embeds"].to(dtype),
+        timestep=timestep_B,
+        return_dict=False,
+    )[0]
+    return v_BCHW.to(x_BCHW.dtype)
+
+
 class SD3Model:
     """Any subset of the SD3 components under their diffusers names; see the module docstring."""
 
@@ -121,24 +145,7 @@ class SD3Model:
 
     def denoise(self, x_BCHW: torch.Tensor, timestep_B: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Velocity z1 - z0 at timestep = sigma * 1000, returned in the dtype of `x_BCHW`."""
-        transformer = self._require("transformer")
-        batch_size = x_BCHW.shape[0]
-        if x_BCHW.ndim != 4 or timestep_B.shape != (batch_size,):
-            raise ValueError(
-                f"expected x [B, C, H, W] and timestep [B], got {tuple(x_BCHW.shape)} and "
-                f"{tuple(timestep_B.shape)}"
-            )
-        check_cond(cond, batch_size)
-        # The transformer runs in its own dtype (bf16 in training); the caller's math stays in its.
-        dtype = param_dtype(transformer)
-        v_BCHW = transformer(
-            hidden_states=x_BCHW.to(dtype),
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            pooled_projections=cond["pooled_embeds"].to(dtype),
-            timestep=timestep_B,
-            return_dict=False,
-        )[0]
-        return v_BCHW.to(x_BCHW.dtype)
+        return sd3_denoise(self._require("transformer"), x_BCHW, timestep_B, cond)
 
     __call__ = denoise
 

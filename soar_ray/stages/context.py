@@ -1,24 +1,36 @@
-"""What the stages of one job share: the Ray topology (learners, rollout workers, weight sync),
-the data, the checkpoints and the metrics. Stage drivers call these few methods; they hold no
-distributed state of their own."""
+"""What the stages of one job share: the Ray topology (learners, rollout workers, reward pool,
+weight sync), the checkpoints and the metrics. They live for the whole job; stage drivers call
+these few methods and the actor groups' generic calls, and hold no distributed state."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from soar_ray.build import build_dataset, build_sampler
+import numpy as np
+import ray
+
 from soar_ray.checkpoint import CheckpointManager, CheckpointState, read_state
 from soar_ray.cluster.groups import LearnerGroup, RolloutPool
 from soar_ray.cluster.placement import Topology, create_topology
+from soar_ray.cluster.rewards import RewardPool
 from soar_ray.cluster.weights import ObjectStoreWeightSync
 from soar_ray.config import JobConfig, dump_config
-from soar_ray.data.loader import iter_batches
+from soar_ray.data.prompts import load_text_prompts
 from soar_ray.metrics import MetricsLogger, save_image_grid
+from soar_ray.workers.learner import Learner
+from soar_ray.workers.rollout import RolloutWorker
 
 LEARNERS_DIR = "learners"
+
+
+def sample_prompts(job: JobConfig) -> list[str]:
+    """The prompts of the fixed-noise sample grids: `logging.sample_prompts_file` when set."""
+    cfg = job.logging
+    prompts = cfg.sample_prompts
+    if cfg.sample_prompts_file is not None:
+        prompts = [p.text for p in load_text_prompts(cfg.sample_prompts_file)]
+    return prompts[: cfg.num_sample_prompts]
 
 
 class StageContext:
@@ -29,8 +41,10 @@ class StageContext:
         self.logger: MetricsLogger | None = None
         self.learners: LearnerGroup | None = None
         self.rollouts: RolloutPool | None = None
+        self.rewards: RewardPool | None = None
+        self.sync: ObjectStoreWeightSync | None = None
         # The placement group first: a topology the cluster cannot hold fails before anything.
-        self.topology: Topology = create_topology(job.cluster)
+        self.topology: Topology = create_topology(job.cluster, job.reward_names)
         try:
             self._start()
         except BaseException:
@@ -39,63 +53,93 @@ class StageContext:
 
     def _start(self) -> None:
         job = self.job
-        self.dataset = build_dataset(job)
-        world = job.cluster.num_learners
-        self.samplers = [build_sampler(job, self.dataset, rank, world) for rank in range(world)]
-        self.global_batch_size = job.data.batch_size * world
+        self.sample_prompts = sample_prompts(job)
         self.checkpoints = CheckpointManager(job.checkpoint_path, job.checkpoint.keep_last)
         self.logger = MetricsLogger(
             self.run_dir, jsonl=job.logging.jsonl, tensorboard=job.logging.tensorboard,
             ray_metrics=job.logging.ray_metrics, job_name=job.name,
         )  # fmt: skip
         self.learners = LearnerGroup(job, self.topology)
-        self.rollouts = RolloutPool(job, self.topology) if job.cluster.num_rollout_workers else None
-        self.sync = ObjectStoreWeightSync(self.learners, self.rollouts) if self.rollouts else None
+        if job.cluster.num_rollout_workers:
+            self.rollouts = RolloutPool(job, self.topology)
+            self.sync = ObjectStoreWeightSync(self.learners, self.rollouts)
+        self.rewards = RewardPool.for_job(job, self.topology)
 
     def close(self) -> None:
         """Stop the actors and release the placement group (whatever of them was started)."""
         if self.logger is not None:
             self.logger.close()
+        if self.rewards is not None:
+            self.rewards.shutdown()
         for group in (self.rollouts, self.learners):
             if group is not None:
                 group.kill()
         self.topology.remove()
 
-    def setup_stage(self, stage_index: int) -> None:
-        self.learners.setup_stage(stage_index)
+    # ---- stage boundaries ----------------------------------------------------------------------
+
+    def start_stage(self, stage_index: int, *, handoff: bool) -> None:
+        """Fresh engines and steps for the stage; after an earlier stage (`handoff`) the rollout
+        workers first receive the learners' full weights (SPEC §4)."""
+        weights = None
+        if handoff and self.rollouts is not None:
+            weights = self.learners.first(Learner.export_weights)
+        self.learners.call(Learner.setup_stage, stage_index)
         if self.rollouts is not None:
-            self.rollouts.set_stage(stage_index)
+            self.rollouts.call(RolloutWorker.set_stage, stage_index, weights)
 
-    def batches(self, *, first_step: int, num_steps: int) -> Iterator[list[dict[str, Any]]]:
-        """Per-rank batches of the given steps (step-indexed, so resume continues exactly)."""
-        return iter_batches(self.dataset, self.samplers, first_step=first_step,
-                            num_steps=num_steps, num_workers=self.job.data.num_workers)  # fmt: skip
+    def finish_stage(self) -> None:
+        """The stage output (EMA where enabled, LoRA merged) becomes the live weights."""
+        self.learners.call(Learner.finish_stage)
 
-    def restore(self, folder: Path) -> int:
-        """Load a checkpoint into the learners; returns its step."""
+    def load_stage_output(self, path: Path) -> None:
+        """Resuming inside a later stage: the learners start from an earlier stage's output."""
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: the output of the stage before the resumed one is missing; it is "
+                "written when that stage ends. Resume from an earlier checkpoint "
+                "(checkpoint.resume: <path>) or start over (checkpoint.resume: never)"
+            )
+        self.learners.call(Learner.load_transformer, str(path))
+
+    # ---- checkpoints, metrics, pictures ------------------------------------------------------------
+
+    def restore(self, folder: Path) -> CheckpointState:
+        """Load a checkpoint into the learners; returns its state."""
         state = read_state(folder)
-        self.learners.load_checkpoint(folder / LEARNERS_DIR)
+        self.learners.call(Learner.load_checkpoint, str(folder / LEARNERS_DIR))
         print(f"soar-ray: resumed from {folder} (stage {state.stage_name}, step {state.step})")
-        return state.step
+        return state
 
     def save_checkpoint(self, stage_index: int, step: int, version: int) -> float:
         """An atomic checkpoint of (stage, step); returns the seconds it took."""
         start = time.perf_counter()
         staging = self.checkpoints.begin(stage_index, step)
-        self.learners.save_checkpoint(staging / LEARNERS_DIR)
-        self.learners.save_transformer(staging / "transformer")
+        self.learners.call(Learner.save_checkpoint, str(staging / LEARNERS_DIR))
+        self.learners.call(Learner.save_transformer, str(staging / "transformer"))
         (staging / "config.yaml").write_text(dump_config(self.job))
         name = self.job.stage_names[stage_index]
         self.checkpoints.commit(staging, CheckpointState(stage_index, name, step, version))
         return time.perf_counter() - start
 
-    def log(self, stage_name: str, step: int, metrics: dict[str, Any]) -> None:
+    def save_output(self, stage_index: int) -> Path:
+        """The stage output: a diffusers transformer folder (and a LoRA stage's adapter)."""
+        path = self.run_dir / self.job.stage_names[stage_index] / "transformer"
+        return Path(self.learners.call(Learner.save_transformer, str(path))[0])
+
+    def log(self, stage_name: str, step: int, metrics: dict) -> None:
         self.logger.log(step, {"stage": stage_name, **metrics})
+
+    def save_grid(self, images: np.ndarray, captions: list[str], name: str, step: int) -> Path:
+        """A captioned PNG grid under samples/, also shown in TensorBoard."""
+        path = self.run_dir / "samples" / f"{name}-{step:06d}.png"
+        save_image_grid(images, path, captions=captions)
+        self.logger.log_image("samples" if "eval" not in name else "eval", path, step)
+        return path
 
     def render_samples(self, stage_name: str, step: int, version: int = 0) -> Path:
         """A grid of the sample prompts with the current weights (the same noise every time)."""
         cfg = self.job.logging
-        prompts = cfg.sample_prompts[: cfg.num_sample_prompts]
         kwargs = {
             "height": self.job.model.resolution, "width": self.job.model.resolution,
             "num_steps": cfg.num_sample_steps, "guidance": cfg.sample_cfg_scale,
@@ -104,10 +148,8 @@ class StageContext:
         if self.rollouts is not None:
             self.sync.push(version)
             self.sync.wait()
-            images = self.rollouts.generate_images(prompts, **kwargs)
+            ref = self.rollouts.submit(RolloutWorker.generate_images, self.sample_prompts, **kwargs)
+            images = ray.get(ref, timeout=self.rollouts.timeout_s)
         else:
-            images = self.learners.generate_images(prompts, **kwargs)
-        path = self.run_dir / "samples" / f"{stage_name}-step-{step:06d}.png"
-        save_image_grid(images, path, captions=prompts)
-        self.logger.log_image("samples", path, step)
-        return path
+            images = self.learners.call(Learner.generate_images, self.sample_prompts, **kwargs)[0]
+        return self.save_grid(images, self.sample_prompts, f"{stage_name}-step", step)

@@ -1,28 +1,49 @@
-"""Runs a job's stages in order on one Ray topology (SPEC §4)."""
+"""Runs a job's stages in order on one Ray topology (SPEC §4), each by its registered driver.
+
+A stage's driver is found by `stage.algorithm` in `STAGES`: `check` runs before any actor starts
+(bad input is one clear line), `run` trains the stage on the shared `StageContext`. Between
+stages the finished stage's output (EMA where enabled, LoRA merged) becomes the live weights, the
+next stage gets fresh engines on them, the rollout workers receive them in full, and the policy
+version keeps counting.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from soar_ray.checkpoint import read_state, resolve_resume
 from soar_ray.config import ConfigError, JobConfig
 from soar_ray.stages.context import StageContext
-from soar_ray.stages.soar import run_soar_stage
+from soar_ray.stages.grpo import check_grpo_stage, run_grpo_stage
+from soar_ray.stages.loop import StageResult, StageStart
+from soar_ray.stages.soar import check_soar_stage, run_soar_stage
+
+
+@dataclass(frozen=True)
+class StageDriver:
+    """How a stage kind is checked and run."""
+
+    check: Callable[[JobConfig, int], None]
+    """Raises ConfigError (naming the field, file or line) for input the stage cannot use."""
+    run: Callable[[StageContext, int, StageStart], StageResult]
+    """Trains the stage on the job's actors."""
+
+
+STAGES: dict[str, StageDriver] = {
+    "soar": StageDriver(check_soar_stage, run_soar_stage),
+    "grpo": StageDriver(check_grpo_stage, run_grpo_stage),
+}
+"""stage.algorithm -> its driver."""
 
 
 def check_pipeline(job: JobConfig) -> None:
-    """Refuse, before any actor starts, a job this release cannot execute."""
+    """Every stage's own checks, before any actor starts."""
     for index, stage in enumerate(job.stages):
-        if stage.algorithm != "soar":
-            raise ConfigError(
-                f"stages.{index}.algorithm: {stage.algorithm!r} is not runnable yet; "
-                "this release runs soar stages (lambda_aux 0 for SFT)"
-            )
-    if len(job.stages) > 1:
-        raise ConfigError(
-            f"stages: {len(job.stages)} stages; chaining stages on one topology is not "
-            "runnable yet, run one stage per job"
-        )
+        if stage.algorithm not in STAGES:
+            raise ConfigError(f"stages.{index}.algorithm: no driver for {stage.algorithm!r}")
+        STAGES[stage.algorithm].check(job, index)
 
 
 def run_pipeline(job: JobConfig, run_dir: Path) -> list[Path]:
@@ -31,13 +52,19 @@ def run_pipeline(job: JobConfig, run_dir: Path) -> list[Path]:
     ctx = StageContext(job, run_dir)
     try:
         resume = resolve_resume(job.checkpoint.resume, ctx.checkpoints)
-        resume_stage = read_state(resume).stage_index if resume is not None else 0
-        outputs = []
-        for index in range(len(job.stages)):
-            if index < resume_stage:
-                outputs.append(run_dir / job.stage_names[index] / "transformer")
-                continue
-            outputs.append(run_soar_stage(ctx, index, resume if index == resume_stage else None))
+        first = read_state(resume).stage_index if resume is not None else 0
+        outputs = [run_dir / name / "transformer" for name in job.stage_names[:first]]
+        if first > 0:
+            ctx.load_stage_output(outputs[-1])
+        version = 0  # a resumed stage takes its version from the checkpoint
+        for index in range(first, len(job.stages)):
+            if index > first:
+                ctx.finish_stage()
+            ctx.start_stage(index, handoff=index > 0)
+            start = StageStart(resume if index == first else None, version)
+            result = STAGES[job.stages[index].algorithm].run(ctx, index, start)
+            outputs.append(result.output)
+            version = result.version
         return outputs
     finally:
         ctx.close()

@@ -12,13 +12,17 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import ray
-from tqdm import tqdm
 
+from soar_ray.build import build_dataset, build_sampler
+from soar_ray.config import JobConfig
+from soar_ray.data.loader import iter_batches
 from soar_ray.stages.context import StageContext
+from soar_ray.stages.loop import StageLoop, StageResult, StageStart
+from soar_ray.workers.learner import Learner
+from soar_ray.workers.rollout import RolloutWorker
 
 
 class AuxPrefetcher:
@@ -34,53 +38,52 @@ class AuxPrefetcher:
             batches = next(self.batches, None)
             if batches is None:
                 break
-            self.queue.append(self.ctx.rollouts.prepare_soar(batches))
+            self.queue.append([self.ctx.rollouts.submit(RolloutWorker.rollout, batch, num_returns=2)
+                               for batch in batches])  # fmt: skip
         refs = self.queue.popleft()
         versions = ray.get([version for _, version in refs])
         return [inputs for inputs, _ in refs], min(versions)
 
 
-def run_soar_stage(ctx: StageContext, stage_index: int, resume: Path | None) -> Path:
-    """Train `job.stages[stage_index]` on the context's actors; returns the stage output folder."""
-    job, stage, name = ctx.job, ctx.job.stages[stage_index], ctx.job.stage_names[stage_index]
-    ctx.setup_stage(stage_index)
-    step = ctx.restore(resume) if resume is not None else 0
+def check_soar_stage(job: JobConfig, stage_index: int) -> None:
+    """Nothing beyond the schema: a SOAR stage's inputs are checked by `validate_paths`."""
+
+
+def run_soar_stage(ctx: StageContext, stage_index: int, start: StageStart) -> StageResult:
+    """Train `job.stages[stage_index]` on the context's actors."""
+    job, stage = ctx.job, ctx.job.stages[stage_index]
+    dataset = build_dataset(job)
+    world = job.cluster.num_learners
+    samplers = [build_sampler(job, dataset, rank, world) for rank in range(world)]
+    loop = StageLoop(ctx, stage_index, start, total=stage.num_steps, unit="step")
     accumulation = stage.gradient_accumulation_steps
-    checkpoint_every = stage.checkpoint_every or job.checkpoint.every
-    version = step // accumulation  # the policy version: optimizer updates so far
-    batches = ctx.batches(first_step=step, num_steps=stage.num_steps - step)
+    batches = iter_batches(dataset, samplers, first_step=loop.step,
+                           num_steps=stage.num_steps - loop.step,
+                           num_workers=job.data.num_workers)  # fmt: skip
     disaggregated = stage.mode == "disaggregated"
     prefetch = AuxPrefetcher(ctx, batches, stage.max_staleness) if disaggregated else None
     if ctx.sync is not None:
-        ctx.sync.push(version)
-    if job.logging.sample_every and step == 0:
-        ctx.render_samples(name, step)
-    bar = tqdm(initial=step, total=stage.num_steps, desc=name, unit="step",
-               disable=not job.logging.progress_bar)  # fmt: skip
-    while step < stage.num_steps:
-        start = time.perf_counter()
+        ctx.sync.push(loop.version)
+    if job.logging.sample_every and loop.step == 0:
+        ctx.render_samples(loop.name, 0, loop.version)
+    for step in loop:
+        start_time = time.perf_counter()
         if prefetch is not None:
             inputs, made_with = prefetch.next()
-            metrics = ctx.learners.train_on_inputs(inputs)
-            metrics["staleness"] = version - made_with
+            metrics = ctx.learners.get(ctx.learners.scatter(Learner.train, [(x,) for x in inputs]))[
+                0
+            ]
+            metrics["staleness"] = loop.version - made_with
             assert metrics["staleness"] <= stage.max_staleness, metrics  # invariant of the queue
         else:
-            metrics = ctx.learners.train_step(next(batches))
-        step += 1
+            shards = [(batch,) for batch in next(batches)]
+            metrics = ctx.learners.get(ctx.learners.scatter(Learner.train, shards))[0]
         if step % accumulation == 0:
-            version += 1
+            loop.version += 1
             if disaggregated:
-                ctx.sync.push(version)  # queued before the next prepare calls on every worker
-        seconds = time.perf_counter() - start
-        metrics.update(samples_per_s=ctx.global_batch_size / seconds, policy_version=version)
-        bar.update()
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.1f}")
-        if step % checkpoint_every == 0 or step == stage.num_steps:
-            metrics["checkpoint_seconds"] = ctx.save_checkpoint(stage_index, step, version)
-        if step % job.logging.every == 0 or step == stage.num_steps:
-            ctx.log(name, step, metrics)
-        if job.logging.sample_every and (step % job.logging.sample_every == 0
-                                         or step == stage.num_steps):  # fmt: skip
-            ctx.render_samples(name, step, version)
-    bar.close()
-    return ctx.learners.save_transformer(ctx.run_dir / name / "transformer")
+                ctx.sync.push(loop.version)  # queued before the next rollout calls on every worker
+        seconds = time.perf_counter() - start_time
+        metrics["samples_per_s"] = job.data.batch_size * world / seconds
+        loop.end(metrics, {"loss": f"{metrics['loss']:.4f}", "sps": f"{metrics['samples_per_s']:.1f}"},
+                 render=lambda: ctx.render_samples(loop.name, loop.step, loop.version))  # fmt: skip
+    return loop.close()

@@ -129,6 +129,9 @@ class LocalEngine:
     def get_global_grad_norm(self) -> float:
         return self._grad_norm
 
+    def destroy(self) -> None:
+        """Nothing to release (DeepSpeed's engine frees its hooks and buffers here)."""
+
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
 

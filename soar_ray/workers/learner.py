@@ -1,81 +1,56 @@
-"""SOAR learner: one data-parallel rank's trainable denoiser, engine and SOAR step (SPEC §1).
+"""The learner: one data-parallel rank's trainable denoiser, whatever the stage's algorithm.
 
-The learner talks to its optimizer through DeepSpeed's engine API (see engine.py). Distributed
-state (process group, ZeRO partitions) lives in the engine; the learner adds the SOAR step, the
-cross-rank counts of SPEC §1.6, EMA, weight export and checkpoints.
+`Learner` owns what every algorithm needs: the training engine (DeepSpeed ZeRO or the in-process
+LocalEngine, see engine.py), the trainable parameters (all weights or LoRA adapters), the EMA, the
+random stream, weight export and checkpoints. Each stage builds a fresh engine and a per-algorithm
+step object (`SoarStep`, `GrpoStep`) that holds the algorithm's math; `Learner.train` hands it a
+batch. At the end of a stage `finish_stage` turns the stage's output (EMA weights where enabled,
+LoRA merged) into the live weights of a plain transformer, so the next stage starts from them
+(SPEC §4).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from soar_ray.algo.flow import Cond, make_schedule
-from soar_ray.algo.soar import (
-    SoarHyperParams,
-    SoarInputs,
-    normalize_soar_loss,
-    prepare_soar_inputs,
-    soar_losses_from_inputs,
-)
-from soar_ray.config import EmaConfig, SoarStage
+from soar_ray.config import EmaConfig, JobConfig, StageBase
 from soar_ray.models import SD3Model, add_lora, has_lora, merge_lora, save_transformer
 from soar_ray.models import trainable_parameters as named_trainable
+from soar_ray.models.build import load_transformer
 from soar_ray.models.sd3 import move
+from soar_ray.workers.engine import LocalEngine, build_deepspeed_engine, deepspeed_config
+from soar_ray.workers.grpo import GrpoStep
+from soar_ray.workers.rollout import generate_images
+from soar_ray.workers.soar import SoarStep
 
-# SD3 and SD3.5 (Medium and Large) train on FlowMatchEulerDiscreteScheduler(shift=3.0).
-SD3_SCHEDULE_SHIFT = 3.0
 ENGINE_TAG = "engine"
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 """Sums a tensor over data-parallel ranks (identity in one process)."""
 
-
-def soar_hyperparams(stage: SoarStage) -> SoarHyperParams:
-    """The algorithm's hyper-parameters from a validated stage config."""
-    return SoarHyperParams(
-        lambda_aux=stage.lambda_aux,
-        num_rollout_paths=stage.num_rollout_paths,
-        trajectory_length=stage.trajectory_length,
-        rollout_kind=stage.rollout_kind,
-        noise_scale=stage.noise_scale,
-        cfg_scale_sampling=stage.cfg_scale_sampling,
-        num_sampling_steps=stage.num_sampling_steps,
-        cond_dropout_rate=stage.cond_dropout_rate,
-        timestep_density=stage.density.scheme,
-        logit_mean=stage.density.logit_mean,
-        logit_std=stage.density.logit_std,
-        mode_scale=stage.density.mode_scale,
-        loss_weighting=stage.weighting_scheme,
-        sigma_upper_ratio=stage.sigma_upper_ratio,
-        fused=stage.aux_eval == "fused",
-    )
+STEPS: dict[str, type[SoarStep] | type[GrpoStep]] = {"soar": SoarStep, "grpo": GrpoStep}
+"""stage.algorithm -> the learner-side step of that algorithm."""
 
 
 def prepare_stage_model(
-    transformer: torch.nn.Module, stage: SoarStage, seed: int
+    transformer: torch.nn.Module, stage: StageBase, seed: int
 ) -> list[torch.nn.Parameter]:
     """Add the stage's LoRA adapters (if any) and return the parameters it trains."""
-    if stage.lora.enabled:
-        add_lora(transformer, rank=stage.lora.r, alpha=stage.lora.alpha,
-                 targets=stage.lora.target_modules, seed=seed)  # fmt: skip
-    return [p for _, p in named_trainable(transformer)]
-
-
-def encode_batch(
-    model: SD3Model, batch: dict[str, Any], device: torch.device
-) -> tuple[torch.Tensor, Cond]:
-    """Clean latents z0 and text conditioning of a collated batch (raw images or cache rows)."""
-    if "latents" in batch:
-        z0, cond = batch["latents"], batch["cond"]
+    lora = stage.lora
+    if lora.enabled:
+        add_lora(transformer, rank=lora.r, alpha=lora.alpha, targets=lora.target_modules,
+                 seed=seed, init=lora.init, dropout=lora.dropout)  # fmt: skip
     else:
-        z0 = model.encode_images(batch["pixels"])
-        cond = model.encode_prompts(batch["caption"])
-    # fp32 latents: the flow math (z_t0, targets, aux points) runs in fp32 (SPEC §2).
-    return z0.to(device, torch.float32), {k: v.to(device) for k, v in cond.items()}
+        transformer.requires_grad_(True)
+    return [p for _, p in named_trainable(transformer)]
 
 
 class Ema:
@@ -108,148 +83,194 @@ class Ema:
         self.num_updates = state["num_updates"]
 
 
-class SoarLearner:
-    """Runs SOAR steps on one rank: colocated (own rollout) or from prepared SoarInputs."""
+class Learner:
+    """One data-parallel rank; `setup_stage` builds the engine and the algorithm's step."""
 
     def __init__(
         self,
+        job: JobConfig,
         model: SD3Model,
-        stage: SoarStage,
-        engine,
-        params: list[torch.nn.Parameter],
         *,
-        seed: int,
         rank: int = 0,
         world_size: int = 1,
         all_reduce: AllReduce | None = None,
-        uncond: Cond | None = None,
-        zero_stage: int = 0,
+        distributed: bool = True,
+        uncond: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if world_size > 1 and all_reduce is None:
             raise ValueError("world_size > 1 needs an all_reduce across ranks")
-        if stage.ema.enabled and zero_stage == 3:
-            raise ValueError("stages.ema.enabled: EMA needs whole parameters; use ZeRO stage <= 2")
-        self.model, self.stage, self.engine, self.params = model, stage, engine, params
-        self.hp = soar_hyperparams(stage)
-        self.schedule = make_schedule(shift=SD3_SCHEDULE_SHIFT)
-        self.rank, self.world_size, self.zero_stage = rank, world_size, zero_stage
+        self.job, self.model = job, model
+        self.rank, self.world_size, self.distributed = rank, world_size, distributed
+        self.zero_stage = job.deepspeed.zero_stage if distributed else 0
         self.all_reduce = all_reduce or (lambda tensor: tensor)
         self.device = next(model.transformer.parameters()).device
         self._uncond = uncond
-        model.transformer.train()
-        self.ema = Ema(params, stage.ema) if stage.ema.enabled else None
-        # One stream per rank: every draw of the step (z1, t0, aux points) comes from it.
-        self.generator = torch.Generator(self.device).manual_seed(seed + rank)
+        self.stage_index: int | None = None
+        self.engine = self.ema = self.step = self.reference = None
+        self.params: list[torch.nn.Parameter] = []
+        self.generator = torch.Generator(self.device)
 
-    def uncond(self) -> Cond:
+    # ---- stage lifecycle ----------------------------------------------------------------------
+
+    def setup_stage(self, stage_index: int) -> None:
+        """Fresh engine, trainable parameters, EMA, random stream and step for the stage."""
+        if self.engine is not None:
+            raise RuntimeError("finish_stage must end the previous stage before setup_stage")
+        job, stage = self.job, self.job.stages[stage_index]
+        if stage.ema.enabled and self.zero_stage == 3:
+            raise ValueError(
+                f"stages.{stage_index}.ema.enabled: EMA needs whole parameters; use ZeRO stage <= 2"
+            )
+        step_type = STEPS[stage.algorithm]
+        transformer = self.model.transformer
+        # Full fine-tuning keeps a frozen copy of the stage's initial weights as the reference
+        # policy; a LoRA stage's reference is its base model with the adapters disabled (SPEC §3).
+        if step_type.needs_reference(stage) and not stage.lora.enabled:
+            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+        self.params = prepare_stage_model(transformer, stage, seed=job.seed)
+        if job.deepspeed.activation_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        micro_batch, accumulation = step_type.batching(job, stage)
+        if self.distributed:
+            config = deepspeed_config(
+                job.deepspeed, stage.optimizer, micro_batch_size=micro_batch,
+                gradient_accumulation_steps=accumulation, world_size=self.world_size,
+            )  # fmt: skip
+            self.engine = build_deepspeed_engine(transformer, self.params, config, stage.optimizer)
+        else:
+            self.engine = LocalEngine(self.params, stage.optimizer, accumulation)
+        self.ema = Ema(self.params, stage.ema) if stage.ema.enabled else None
+        # One stream per rank and stage: every draw of the step comes from it.
+        self.generator.manual_seed(job.seed + self.rank + 7919 * stage_index)
+        self.stage_index = stage_index
+        self.step = step_type(self, stage)
+
+    def train(self, *inputs: Any) -> dict[str, float]:
+        """One training call of the stage's algorithm (a SOAR step, a GRPO epoch's updates)."""
+        if self.step is None:
+            raise RuntimeError("setup_stage must be called before train")
+        return self.step.train(*inputs) | self.memory_metrics()
+
+    def finish_stage(self) -> None:
+        """Make the stage output (EMA where enabled, LoRA merged) the live weights of a plain
+        transformer and drop the engine, so the next stage starts fresh (SPEC §4). Collective
+        under ZeRO-3: every rank must call it."""
+        transformer = self.stage_output()
+        if has_lora(transformer):
+            merge_lora(transformer)
+        self.engine.destroy()
+        self.engine = self.ema = self.step = self.reference = None
+        self.params, self.stage_index = [], None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        move(transformer, self.device, None)
+        self.model.transformer = transformer
+
+    def load_transformer(self, path: str | Path) -> None:
+        """Replace the live weights by a diffusers transformer folder (a finished stage's output,
+        when a run resumes inside a later stage)."""
+        if self.engine is not None:
+            raise RuntimeError("load_transformer between stages only")
+        dtype = next(self.model.transformer.parameters()).dtype
+        self.model.transformer = load_transformer(path, self.device, dtype)
+
+    # ---- conditioning and memory --------------------------------------------------------------
+
+    def uncond(self) -> dict[str, torch.Tensor]:
         """Encoding of "" (from the latent cache when training from one)."""
         if self._uncond is None:
             self._uncond = self.model.uncond(1)
         return {key: value.to(self.device) for key, value in self._uncond.items()}
 
-    def prepare(self, batch: dict[str, Any]) -> SoarInputs:
-        """Draws, no-grad CFG rollout and aux points of a batch with the current weights."""
-        z0, cond = encode_batch(self.model, batch, self.device)
-        return prepare_soar_inputs(
-            self.model.denoise, z0, cond, self.uncond(), self.schedule, self.hp,
-            generator=self.generator,
-        )  # fmt: skip
+    def memory_metrics(self) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return {}
+        return {"gpu_peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        """One colocated SOAR step: rollout and graded forward/backward on this rank."""
-        return self.train_on_inputs(self.prepare(batch))
-
-    def train_on_inputs(self, inputs: SoarInputs) -> dict[str, float]:
-        """Graded forward/backward on prepared inputs, then (at a boundary) an optimizer step."""
-        losses = soar_losses_from_inputs(
-            self.model.denoise, inputs.to(self.device), self.schedule, self.hp
-        )
-        # One all-reduce carries the global counts (SPEC §1.6) and the logged sums.
-        totals = torch.stack([
-            losses.sum_main().detach(), losses.sum_aux().detach(),
-            losses.main_B.new_tensor(float(losses.num_main)),
-            losses.main_B.new_tensor(float(losses.num_aux)),
-        ]).double()  # fmt: skip
-        sum_main, sum_aux, num_main, num_aux = self.all_reduce(totals).tolist()
-        loss = normalize_soar_loss(
-            losses.sum_main(), losses.sum_aux(), num_main, num_aux, self.hp.lambda_aux,
-            self.world_size,
-        )  # fmt: skip
+    def after_backward_step(self) -> None:
+        """engine.step(), then the EMA update at an accumulation boundary."""
         boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.backward(loss)
         self.engine.step()
         if self.ema is not None and boundary:
             self.ema.after_step(self.engine.global_steps)
-        lam = self.hp.lambda_aux
+
+    def optimizer_metrics(self) -> dict[str, float]:
         grad_norm = self.engine.get_global_grad_norm()
-        memory = {}
-        if self.device.type == "cuda":
-            memory["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return memory | {
-            "loss": (sum_main + lam * sum_aux) / max(num_main + lam * num_aux, 1.0),
-            "loss_main": sum_main / max(num_main, 1.0),
-            "loss_aux": sum_aux / max(num_aux, 1.0),
-            "aux_points_per_sample": num_aux / max(num_main, 1.0),
-            "sigma_main_mean": float(losses.diagnostics["sigma_main_mean"]),
+        return {
             "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
             "lr": float(self.engine.get_lr()[0]),
         }
 
+    # ---- weights out ----------------------------------------------------------------------------
+
     def gathered(self):
         """Context in which every parameter is whole on this rank (ZeRO-3 gathers: collective)."""
-        import contextlib
-
-        if self.zero_stage != 3:
+        if self.zero_stage != 3 or self.engine is None:
             return contextlib.nullcontext()
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(self.model.transformer.parameters()))
 
-    def export_weights(self) -> dict[str, torch.Tensor] | None:
-        """Trainable weights by name on CPU (EMA-free, the live policy); rank 0 only, else None.
+    def export_weights(self, ema: bool = False) -> dict[str, torch.Tensor] | None:
+        """Trainable weights by name on CPU, live or EMA; rank 0 only, else None.
 
+        Between stages (no engine) the whole state dict: the full handoff to rollout workers.
         Collective under ZeRO-3: every rank must call it.
         """
+        if ema and self.ema is None:
+            raise ValueError("export_weights(ema=True): the stage keeps no EMA")
         with self.gathered():
             if self.rank != 0:
                 return None
-            return {name: p.detach().cpu().clone() for name, p in
-                    named_trainable(self.model.transformer)}  # fmt: skip
+            transformer = self.model.transformer
+            if self.engine is None:
+                return {k: v.detach().cpu().clone() for k, v in transformer.state_dict().items()}
+            named = named_trainable(transformer)
+            values = self.ema.shadow if ema else [p for _, p in named]
+            return {name: v.detach().cpu().clone() for (name, _), v in zip(named, values)}
 
-    def plain_transformer(self) -> torch.nn.Module | None:
-        """A detached CPU copy of the live transformer (LoRA adapters kept); rank 0 only.
-
-        Rebuilt from the config and a gathered state dict rather than deep-copied, so no engine
-        hooks or ZeRO partition state come along. Collective under ZeRO-3.
-        """
+    def stage_output(self) -> torch.nn.Module:
+        """The stage output as a plain CPU transformer on every rank: the live weights with the
+        EMA copied in where enabled, LoRA adapters kept. Collective under ZeRO-3."""
         with self.gathered():
-            if self.rank != 0:
-                return None
             state = {k: v.detach().cpu().clone() for k, v in
                      self.model.transformer.state_dict().items()}  # fmt: skip
         transformer = type(self.model.transformer).from_config(self.model.transformer.config)
         if has_lora(self.model.transformer):
-            prepare_stage_model(transformer, self.stage, seed=0)
+            prepare_stage_model(transformer, self.job.stages[self.stage_index], seed=0)
         move(transformer, "cpu", next(iter(state.values())).dtype)
         transformer.load_state_dict(state)
-        return transformer
-
-    def save_transformer(self, path: str | Path) -> Path | None:
-        """The stage output on rank 0: diffusers folder, EMA weights where enabled, LoRA merged.
-
-        Collective under ZeRO-3: every rank must call it.
-        """
-        transformer = self.plain_transformer()
-        if transformer is None:
-            return None
         if self.ema is not None:
             self.ema.copy_to([p for _, p in named_trainable(transformer)])
+        return transformer
+
+    def save_transformer(self, path: str | Path) -> str | None:
+        """The stage output on rank 0 as a diffusers folder (EMA where enabled, LoRA merged); a
+        LoRA stage also writes its adapter in peft format to `path`/../lora (load it with
+        `SD3Transformer2DModel.load_lora_adapter`). Collective under ZeRO-3."""
+        transformer = self.stage_output()
+        if self.rank != 0:
+            return None
+        path = Path(path)
         if has_lora(transformer):
+            transformer.save_lora_adapter(str(path.parent / "lora"))
             merge_lora(transformer)
-        return save_transformer(transformer, path)
+        return str(save_transformer(transformer, path))
+
+    @torch.no_grad()
+    def generate_images(self, prompts: list[str], **kwargs: Any) -> np.ndarray:
+        """uint8 images [B, H, W, 3] with the live weights; every rank renders (ZeRO-3 gathers)."""
+        from soar_ray.metrics import to_uint8_images
+
+        with self.gathered():
+            return to_uint8_images(generate_images(self.model, prompts, **kwargs))
+
+    # ---- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(self, folder: str | Path) -> None:
-        """Engine state of every rank under folder/engine, this rank's RNG (and rank 0's EMA)."""
+        """Engine state of every rank under folder/engine, this rank's RNG (and its EMA)."""
         folder = Path(folder)
         self.engine.save_checkpoint(str(folder), tag=ENGINE_TAG, save_latest=False)
         rank_state = {"generator": self.generator.get_state()}

@@ -1,22 +1,20 @@
-"""Rollout: text -> latents -> images with the current denoiser (evaluation-style ODE sampling)."""
+"""Rollout workers: inference copies of the denoiser that sample images and the stage's rollouts."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-from soar_ray.algo.flow import Cond, make_inference_grid, make_schedule
+from soar_ray.algo.flow import Cond, make_inference_grid
 from soar_ray.algo.sampling import sample_ode
-from soar_ray.algo.soar import SoarHyperParams, SoarInputs, prepare_soar_inputs
-from soar_ray.config import SoarStage
+from soar_ray.config import JobConfig
+from soar_ray.metrics import to_uint8_images
 from soar_ray.models import SD3Model
-from soar_ray.workers.learner import (
-    SD3_SCHEDULE_SHIFT,
-    encode_batch,
-    prepare_stage_model,
-    soar_hyperparams,
-)
+from soar_ray.models.sd3 import move
+from soar_ray.workers.grpo import GrpoRollout
+from soar_ray.workers.soar import SoarRollout
 
 
 @torch.no_grad()
@@ -55,28 +53,45 @@ def generate_images(
 
 
 class RolloutWorker:
-    """An inference copy of the denoiser: sample grids, and SOAR rollouts in disaggregated mode.
+    """An inference copy of the denoiser: sample grids, evaluation images, and the stage's
+    rollouts (`SoarRollout` aux points, `GrpoRollout` SDE trajectories).
 
     Its weights carry a policy version: the number of learner updates they include.
     """
 
-    def __init__(self, model: SD3Model, *, seed: int, uncond: Cond | None = None) -> None:
-        self.model = model
+    def __init__(self, job: JobConfig, model: SD3Model, *, seed: int,
+                 uncond: Cond | None = None) -> None:  # fmt: skip
+        self.job, self.model = job, model
         self.device = next(model.transformer.parameters()).device
+        self.resolution = job.model.resolution
         model.transformer.eval().requires_grad_(False)
         self.version = 0
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._uncond = uncond
-        self._stage: tuple[SoarStage, SoarHyperParams] | None = None
-        self.schedule = make_schedule(shift=SD3_SCHEDULE_SHIFT)
+        self.step: SoarRollout | GrpoRollout | None = None
 
-    def set_stage(self, stage: SoarStage, seed: int) -> None:
-        """Match the learners' trainable structure (LoRA adapters) and the stage's rollout."""
-        prepare_stage_model(self.model.transformer, stage, seed=seed)
-        self.model.transformer.requires_grad_(False)
-        self._stage = (stage, soar_hyperparams(stage))
+    def uncond(self) -> Cond:
+        """Encoding of "" on this worker's device (from the latent cache when training from one)."""
+        uncond = self._uncond if self._uncond is not None else self.model.uncond(1)
+        return {key: value.to(self.device) for key, value in uncond.items()}
 
-    def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+    def set_stage(self, stage_index: int, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Start a stage: take the finished stage's full weights (when given), then match the
+        learners' trainable structure (LoRA adapters) and build the stage's rollout."""
+        from soar_ray.workers.learner import prepare_stage_model
+
+        stage = self.job.stages[stage_index]
+        transformer = self.model.transformer
+        if weights is not None:
+            transformer = type(transformer).from_config(transformer.config)
+            move(transformer, self.device, next(iter(weights.values())).dtype)
+            transformer.load_state_dict(weights)
+            self.model.transformer = transformer
+        prepare_stage_model(transformer, stage, seed=self.job.seed)
+        transformer.eval().requires_grad_(False)
+        self.step = ROLLOUTS[stage.algorithm](self, stage)
+
+    def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
         """Copy the learners' trainable weights (by name) in; every name must exist here."""
         params = dict(self.model.transformer.named_parameters())
         missing = sorted(set(weights) - set(params))
@@ -86,17 +101,21 @@ class RolloutWorker:
             for name, value in weights.items():
                 params[name].copy_(value)
         self.version = version
+        return version
 
-    def prepare_soar(self, batch: dict[str, Any]) -> tuple[SoarInputs, int]:
-        """Encode one rank's batch, then draws, CFG rollout and aux points, with this worker's
-        policy version (disaggregated mode: the learner only runs the graded forward)."""
-        if self._stage is None:
-            raise RuntimeError("set_stage must be called before prepare_soar")
-        _, hp = self._stage
-        z0, cond = encode_batch(self.model, batch, self.device)
-        uncond = self._uncond if self._uncond is not None else self.model.uncond(1)
-        inputs = prepare_soar_inputs(
-            self.model.denoise, z0, cond, {k: v.to(self.device) for k, v in uncond.items()},
-            self.schedule, hp, generator=self.generator,
-        )  # fmt: skip
-        return inputs.to("cpu"), self.version
+    def rollout(self, request: Any) -> tuple:
+        """The stage's rollout of one request (a batch for SOAR, prompts for GRPO)."""
+        if self.step is None:
+            raise RuntimeError("set_stage must be called before rollout")
+        return self.step.rollout(request)
+
+    def generate_images(self, prompts: list[str], **kwargs: Any) -> np.ndarray:
+        """uint8 images [B, H, W, 3]: ODE sampling with CFG (see `generate_images`)."""
+        return to_uint8_images(generate_images(self.model, prompts, **kwargs))
+
+
+ROLLOUTS: dict[str, type[SoarRollout] | type[GrpoRollout]] = {
+    "soar": SoarRollout,
+    "grpo": GrpoRollout,
+}
+"""stage.algorithm -> the rollout-side step of that algorithm."""

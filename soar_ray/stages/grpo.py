@@ -1,0 +1,289 @@
+"""The Flow-GRPO stage driver (SPEC §3), one loop read top to bottom:
+
+prompts -> rollout workers (SDE samples with log-probs, decoded) -> reward actors (each batch
+scored as soon as it is decoded, while the workers sample on) -> advantages per prompt group,
+all-zero groups dropped -> learners (PPO-clip + KL updates over the stored trajectories) ->
+weight sync -> checkpoint / log / sample grid / evaluation.
+
+`max_staleness: 0` is on-policy: epoch n + 1 is sampled with the weights epoch n produced.
+`max_staleness: k` submits the sampling of epochs up to n + k before waiting for the learners on
+epoch n, so sampling overlaps training; `staleness` logs the lag in policy versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from soar_ray.algo.grpo import group_advantages
+from soar_ray.cluster.rewards import PoolOutput, RewardHandle
+from soar_ray.config import ConfigError, GrpoStage, JobConfig, PromptsConfig
+from soar_ray.data.prompts import Prompt, load_prompt_set
+from soar_ray.stages.context import StageContext
+from soar_ray.stages.loop import StageLoop, StageResult, StageStart
+from soar_ray.workers.grpo import (
+    GrpoPlan,
+    MicroBatch,
+    RolloutInfo,
+    SampleRequest,
+    UpdatePlan,
+    micro_batches_per_update,
+)
+from soar_ray.workers.learner import Learner
+from soar_ray.workers.rollout import RolloutWorker
+
+
+def load_prompts(cfg: PromptsConfig, field: str) -> list[Prompt]:
+    """A prompt set, or a ConfigError naming the field and the file's bad line."""
+    try:
+        return load_prompt_set(cfg.path, cfg.kind)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
+
+
+def check_grpo_stage(job: JobConfig, stage_index: int) -> None:
+    """The prompt sets load (not missing, not empty, every line valid) before any actor starts."""
+    load_prompts(job.data.prompts, "data.prompts")
+    if job.stages[stage_index].eval_every:
+        load_prompts(job.data.eval_prompts, "data.eval_prompts")
+
+
+def derived_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of its parts (job seed, stage, epoch, call)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def epoch_prompts(num_prompts: int, num_groups: int, seed: int) -> list[int]:
+    """The prompt indices of one epoch: a seeded permutation, repeated when the set is small."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    while len(chosen) < num_groups:
+        chosen += torch.randperm(num_prompts, generator=generator).tolist()
+    return chosen[:num_groups]
+
+
+@dataclass
+class EpochRollout:
+    """One epoch's rollout calls in flight: call k covers images bounds[k] of the epoch."""
+
+    prompts: list[Prompt]
+    """The prompt of every image; images of one group are consecutive."""
+    group_ids: np.ndarray
+    """[N] the group (prompt) of every image."""
+    bounds: list[tuple[int, int]]
+    trajectories: list[ray.ObjectRef]
+    images: list[ray.ObjectRef]
+    infos: list[ray.ObjectRef]
+    rewards: list[RewardHandle]
+
+
+def sample_epoch(ctx: StageContext, stage_index: int, prompts: list[Prompt],
+                 epoch: int) -> EpochRollout:  # fmt: skip
+    """Submit an epoch's rollout calls and, on each call's images, its scoring (returns at once)."""
+    job, stage = ctx.job, ctx.job.stages[stage_index]
+    chosen = epoch_prompts(len(prompts), stage.num_groups_per_epoch,
+                           derived_seed(job.seed, stage_index, epoch))  # fmt: skip
+    per_image = [prompts[i] for i in chosen for _ in range(stage.group_size)]
+    group_ids = np.repeat(np.arange(len(chosen)), stage.group_size)
+    rollout = EpochRollout(per_image, group_ids, [], [], [], [], [])
+    for k, start in enumerate(range(0, len(per_image), stage.sample_batch_size)):
+        batch = per_image[start : start + stage.sample_batch_size]
+        texts = [p.text for p in batch]
+        request = SampleRequest(texts, derived_seed(job.seed, stage_index, epoch, k))
+        trajectories, images, info = ctx.rollouts.submit(RolloutWorker.rollout, request,
+                                                         num_returns=3)  # fmt: skip
+        handle = ctx.rewards.submit(images, texts, [p.metadata or None for p in batch],
+                                    weights=stage.rewards)  # fmt: skip
+        rollout.bounds.append((start, start + len(batch)))
+        rollout.trajectories.append(trajectories)
+        rollout.images.append(images)
+        rollout.infos.append(info)
+        rollout.rewards.append(handle)
+    return rollout
+
+
+def plan_epoch(
+    rows: list[tuple[int, int]], advantages: list[float], stage: GrpoStage, num_learners: int,
+    seed: int,
+) -> list[tuple[GrpoPlan, list[int]]]:  # fmt: skip
+    """Per rank: its plan over every inner epoch and update, and the rollout calls it reads.
+
+    Each inner epoch reshuffles the samples, splits them into `num_updates_per_epoch` updates and
+    each update into the same number of micro-batch slots on every rank (the engines'
+    accumulation is fixed); a slot left empty by dropped groups becomes a weight-0 stand-in, so
+    every rank runs the same backward passes.
+    """
+    num_micro = micro_batches_per_update(stage, num_learners)
+    generator = torch.Generator().manual_seed(seed)
+    per_rank: list[list[UpdatePlan]] = [[] for _ in range(num_learners)]
+    for _ in range(stage.num_inner_epochs):
+        order = torch.randperm(len(rows), generator=generator).numpy()
+        for update in np.array_split(order, stage.num_updates_per_epoch):
+            slots = np.array_split(update, num_learners * num_micro)
+            for rank in range(num_learners):
+                micro = []
+                for slot in slots[rank * num_micro : (rank + 1) * num_micro]:
+                    if len(slot):
+                        micro.append(MicroBatch(tuple(rows[i] for i in slot),
+                                                tuple(advantages[i] for i in slot)))  # fmt: skip
+                    else:
+                        micro.append(MicroBatch((rows[0],), (0.0,), real=False))
+                per_rank[rank].append(UpdatePlan(tuple(micro), len(update)))
+    plans = []
+    for updates in per_rank:
+        calls = sorted({b for u in updates for m in u.micro_batches for b, _ in m.rows})
+        local = {b: i for i, b in enumerate(calls)}
+        updates = tuple(
+            UpdatePlan(tuple(MicroBatch(tuple((local[b], r) for b, r in m.rows), m.advantages,
+                                        m.real) for m in u.micro_batches), u.num_samples)
+            for u in updates
+        )  # fmt: skip
+        plans.append((GrpoPlan(updates), calls))
+    return plans
+
+
+def reward_metrics(output: PoolOutput, prefix: str) -> dict[str, float]:
+    """Mean and std of the weighted total and of every reward component over kept samples."""
+    kept = output.kept
+    metrics = {f"{prefix}_mean": float(output.scores[kept].mean()),
+               f"{prefix}_std": float(output.scores[kept].std())}  # fmt: skip
+    for name, values in output.components.items():
+        metrics[f"{prefix}_{name}_mean"] = float(np.nanmean(values[kept]))
+        metrics[f"{prefix}_{name}_std"] = float(np.nanstd(values[kept]))
+    return metrics
+
+
+def merge_outputs(outputs: list[PoolOutput]) -> PoolOutput:
+    """One PoolOutput of consecutive batches."""
+    offsets = np.cumsum([0] + [len(o.scores) for o in outputs])
+    names = outputs[0].components
+    return PoolOutput(
+        np.concatenate([o.scores for o in outputs]),
+        {k: np.concatenate([o.components[k] for o in outputs]) for k in names},
+        {k: np.concatenate([o.dropped[k] + off for o, off in zip(outputs, offsets)])
+         for k in outputs[0].dropped},
+        {k: sum(o.seconds[k] for o in outputs) for k in outputs[0].seconds},
+    )  # fmt: skip
+
+
+def run_grpo_stage(ctx: StageContext, stage_index: int, start: StageStart) -> StageResult:
+    """Train `job.stages[stage_index]` on the context's actors."""
+    job, stage = ctx.job, ctx.job.stages[stage_index]
+    prompts = load_prompts(job.data.prompts, "data.prompts")
+    loop = StageLoop(ctx, stage_index, start, total=stage.num_epochs, unit="epoch")
+    updates_per_epoch = stage.num_updates_per_epoch * stage.num_inner_epochs
+    world, num_workers = job.cluster.num_learners, len(ctx.rollouts)
+    ctx.sync.push(loop.version)
+    if stage.eval_every and loop.step == 0:
+        evaluate(ctx, stage_index, loop)
+    pending: deque[EpochRollout] = deque()
+    next_epoch = loop.step + 1
+    for epoch in loop:
+        start_time = time.perf_counter()
+        if not pending:
+            pending.append(sample_epoch(ctx, stage_index, prompts, next_epoch))
+            next_epoch += 1
+        rollout = pending.popleft()
+        # Scores arrive per batch while later batches still sample.
+        output = merge_outputs([handle.result() for handle in rollout.rewards])
+        infos: list[RolloutInfo] = ray.get(rollout.infos)
+        waited = time.perf_counter() - start_time
+        kept = np.flatnonzero(output.kept)
+        advantages, keep = group_advantages(
+            torch.from_numpy(output.scores[kept]), torch.from_numpy(rollout.group_ids[kept]),
+            global_std=stage.global_std, adv_clip_max=stage.adv_clip_max,
+        )  # fmt: skip
+        used = kept[keep.numpy()]
+        sample_size = stage.sample_batch_size
+        rows = [(int(i) // sample_size, int(i) % sample_size) for i in used]
+        trained_advantages = advantages[keep]
+        metrics = reward_metrics(output, "reward") | {
+            "advantage_mean": float(trained_advantages.mean()),
+            "advantage_std": float(trained_advantages.std()),
+            "advantage_abs_mean": float(trained_advantages.abs().mean()),
+            "dropped_group_fraction": 1 - len(np.unique(rollout.group_ids[used])) / (
+                stage.num_groups_per_epoch),
+            "num_dropped_samples": output.num_dropped, "num_trained_samples": len(used),
+            "staleness": loop.version - min(info.version for info in infos),
+        }  # fmt: skip
+        train_refs = []
+        if len(used):
+            plans = plan_epoch(rows, trained_advantages.tolist(), stage, world,
+                               derived_seed(job.seed, stage_index, epoch, -1))  # fmt: skip
+            shards = [(plan, *[rollout.trajectories[c] for c in calls]) for plan, calls in plans]
+            train_refs = ctx.learners.scatter(Learner.train, shards)
+        while next_epoch <= min(epoch + stage.max_staleness, stage.num_epochs):
+            pending.append(sample_epoch(ctx, stage_index, prompts, next_epoch))  # overlaps training
+            next_epoch += 1
+        if train_refs:
+            metrics |= ctx.learners.get(train_refs)[0]
+            loop.version += updates_per_epoch
+            ctx.sync.push(loop.version)
+        num_images = len(rollout.prompts)
+        sampling_s = sum(info.seconds for info in infos) / num_workers
+        epoch_s = time.perf_counter() - start_time
+        metrics |= {
+            "sample_wait_seconds": waited, "overlap_seconds": max(sampling_s - waited, 0.0),
+            "sampling_images_per_s": num_images / sampling_s,
+            "scoring_images_per_s": num_images / max(max(output.seconds.values()), 1e-9),
+            "training_images_per_s": len(used) * stage.num_inner_epochs / max(
+                metrics.get("train_seconds", 0.0), 1e-9) if len(used) else 0.0,
+            "epoch_images_per_s": num_images / epoch_s,
+        }  # fmt: skip
+        postfix = {"reward": f"{metrics['reward_mean']:.4f}", "kl": f"{metrics.get('kl', 0):.2e}"}
+        loop.end(metrics, postfix, render=lambda r=rollout, o=output: render_epoch(ctx, loop, r, o))
+        if loop.due(stage.eval_every):
+            evaluate(ctx, stage_index, loop)
+    return loop.close()
+
+
+def render_epoch(ctx: StageContext, loop: StageLoop, rollout: EpochRollout,
+                 output: PoolOutput) -> None:  # fmt: skip
+    """The first image of the epoch's first groups, captioned with reward and prompt."""
+    stage = ctx.job.stages[loop.stage_index]
+    count = min(ctx.job.logging.num_sample_prompts, stage.num_groups_per_epoch)
+    first = [g * stage.group_size for g in range(count)]
+    calls = sorted({i // stage.sample_batch_size for i in first})
+    arrays = dict(zip(calls, ray.get([rollout.images[c] for c in calls])))
+    images = np.stack([arrays[i // stage.sample_batch_size][i % stage.sample_batch_size]
+                       for i in first])  # fmt: skip
+    captions = [f"{output.scores[i]:.3f} {rollout.prompts[i].text}" for i in first]
+    ctx.save_grid(images, captions, f"{loop.name}-epoch", loop.step)
+
+
+def evaluate(ctx: StageContext, stage_index: int, loop: StageLoop) -> None:
+    """ODE samples (noise 0, `eval_num_sampling_steps`) of `data.eval_prompts` with the EMA
+    weights where kept, scored by the stage's rewards and its evaluation-only rewards."""
+    job, stage = ctx.job, ctx.job.stages[stage_index]
+    prompts = load_prompts(job.data.eval_prompts, "data.eval_prompts")
+    prompts = prompts[: stage.num_eval_prompts]
+    if stage.ema.enabled and loop.step > 0:
+        ctx.sync.push(loop.version, ema=True)
+    weights = {name: 0.0 for name in stage.eval_rewards} | dict(stage.rewards)
+    handles, image_refs = [], []
+    for k, start in enumerate(range(0, len(prompts), stage.sample_batch_size)):
+        batch = prompts[start : start + stage.sample_batch_size]
+        texts = [p.text for p in batch]
+        images = ctx.rollouts.submit(
+            RolloutWorker.generate_images, texts, height=job.model.resolution,
+            width=job.model.resolution, num_steps=stage.eval_num_sampling_steps,
+            guidance=stage.cfg_scale, seed=derived_seed(job.seed, stage_index, "eval", k),
+        )  # fmt: skip
+        image_refs.append(images)
+        handles.append(ctx.rewards.submit(images, texts, [p.metadata or None for p in batch],
+                                          weights=weights))  # fmt: skip
+    output = merge_outputs([handle.result() for handle in handles])
+    if stage.ema.enabled and loop.step > 0:
+        ctx.sync.push(loop.version)  # back to the live policy for sampling
+    ctx.log(loop.name, loop.step, reward_metrics(output, "eval_reward"))
+    count = min(job.logging.num_sample_prompts, len(prompts))
+    images = np.concatenate(ray.get(image_refs[: -(-count // stage.sample_batch_size)]))[:count]
+    captions = [f"{output.scores[i]:.3f} {prompts[i].text}" for i in range(count)]
+    ctx.save_grid(images, captions, f"{loop.name}-eval", loop.step)

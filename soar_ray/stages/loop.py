@@ -1,0 +1,80 @@
+"""The schedule every stage driver shares: resume, the progress bar, and after each iteration
+(a SOAR step, a GRPO epoch) the checkpoint, the metrics record and the sample grid at their
+configured intervals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from soar_ray.stages.context import StageContext
+
+
+@dataclass(frozen=True)
+class StageStart:
+    """Where a stage begins: a checkpoint of this stage to continue from, or none, and the
+    job-wide policy version (optimizer updates of all earlier stages)."""
+
+    resume: Path | None
+    version: int
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A finished stage: its output folder and the policy version it ended at."""
+
+    output: Path
+    version: int
+
+
+class StageLoop:
+    """Iterations 1..total of one stage; `end` runs the schedule after each."""
+
+    def __init__(self, ctx: StageContext, stage_index: int, start: StageStart, *, total: int,
+                 unit: str) -> None:  # fmt: skip
+        job, stage = ctx.job, ctx.job.stages[stage_index]
+        self.ctx, self.stage_index, self.total = ctx, stage_index, total
+        self.name = job.stage_names[stage_index]
+        self.checkpoint_every = stage.checkpoint_every or job.checkpoint.every
+        self.step, self.version = 0, start.version
+        if start.resume is not None:
+            state = ctx.restore(start.resume)
+            self.step, self.version = state.step, state.policy_version
+        self.resumed = start.resume is not None
+        self.bar = tqdm(initial=self.step, total=total, desc=self.name, unit=unit,
+                        disable=not job.logging.progress_bar)  # fmt: skip
+
+    def __iter__(self) -> Iterator[int]:
+        """The iterations still to run; `step` is the current one while the body runs."""
+        while self.step < self.total:
+            self.step += 1
+            yield self.step
+
+    def due(self, every: int) -> bool:
+        """Whether something scheduled `every` iterations (0: never) runs after this one."""
+        return every > 0 and (self.step % every == 0 or self.step == self.total)
+
+    def end(self, metrics: dict[str, Any], postfix: dict[str, str],
+            render: Callable[[], Path] | None = None) -> None:  # fmt: skip
+        """Progress bar, then checkpoint, metrics record and sample grid where they are due."""
+        job = self.ctx.job
+        metrics["policy_version"] = self.version
+        self.bar.update()
+        self.bar.set_postfix(postfix)
+        if self.due(self.checkpoint_every):
+            metrics["checkpoint_seconds"] = self.ctx.save_checkpoint(
+                self.stage_index, self.step, self.version
+            )
+        if self.due(job.logging.every):
+            self.ctx.log(self.name, self.step, metrics)
+        if render is not None and self.due(job.logging.sample_every):
+            render()
+
+    def close(self) -> StageResult:
+        """The stage output folder and final version."""
+        self.bar.close()
+        return StageResult(self.ctx.save_output(self.stage_index), self.version)

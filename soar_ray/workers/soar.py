@@ -1,0 +1,124 @@
+"""SOAR on the workers (SPEC §1): the learner's step and the rollout worker's aux-point rollout.
+
+`SoarStep.train` takes either a collated batch (colocated: the learner draws, rolls out with its
+own weights and builds the aux points, exactly the reference) or `SoarInputs` a rollout worker
+prepared (disaggregated: only the graded forward runs here). `SoarRollout.rollout` prepares such
+inputs on a rollout worker, stamped with its policy version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from soar_ray.algo.flow import Cond, make_schedule
+from soar_ray.algo.soar import (
+    SoarHyperParams,
+    SoarInputs,
+    normalize_soar_loss,
+    prepare_soar_inputs,
+    soar_losses_from_inputs,
+)
+from soar_ray.config import JobConfig, SoarStage
+from soar_ray.models import SD3Model
+
+if TYPE_CHECKING:
+    from soar_ray.workers.learner import Learner
+    from soar_ray.workers.rollout import RolloutWorker
+
+# SD3 and SD3.5 (Medium and Large) train on FlowMatchEulerDiscreteScheduler(shift=3.0).
+SD3_SCHEDULE_SHIFT = 3.0
+
+
+def soar_hyperparams(stage: SoarStage) -> SoarHyperParams:
+    """The algorithm's hyper-parameters: the stage fields of the same names."""
+    return SoarHyperParams(**{f.name: getattr(stage, f.name) for f in fields(SoarHyperParams)})
+
+
+def encode_batch(
+    model: SD3Model, batch: dict[str, Any], device: torch.device
+) -> tuple[torch.Tensor, Cond]:
+    """Clean latents z0 and text conditioning of a collated batch (raw images or cache rows)."""
+    if "latents" in batch:
+        z0, cond = batch["latents"], batch["cond"]
+    else:
+        z0 = model.encode_images(batch["pixels"])
+        cond = model.encode_prompts(batch["caption"])
+    # fp32 latents: the flow math (z_t0, targets, aux points) runs in fp32 (SPEC §2).
+    return z0.to(device, torch.float32), {k: v.to(device) for k, v in cond.items()}
+
+
+class SoarStep:
+    """The SOAR training step of one learner rank."""
+
+    def __init__(self, learner: Learner, stage: SoarStage) -> None:
+        self.learner, self.hp = learner, soar_hyperparams(stage)
+        self.schedule = make_schedule(shift=SD3_SCHEDULE_SHIFT)
+
+    @staticmethod
+    def batching(job: JobConfig, stage: SoarStage) -> tuple[int, int]:
+        """(micro-batch per rank, micro-batches per optimizer step) of the engine."""
+        return job.data.batch_size, stage.gradient_accumulation_steps
+
+    @staticmethod
+    def needs_reference(stage: SoarStage) -> bool:
+        """SOAR trains against data, not against a reference policy."""
+        return False
+
+    def prepare(self, batch: dict[str, Any]) -> SoarInputs:
+        """Draws, no-grad CFG rollout and aux points of a batch with the current weights."""
+        learner = self.learner
+        z0, cond = encode_batch(learner.model, batch, learner.device)
+        return prepare_soar_inputs(
+            learner.model.denoise, z0, cond, learner.uncond(), self.schedule, self.hp,
+            generator=learner.generator,
+        )  # fmt: skip
+
+    def train(self, batch: dict[str, Any] | SoarInputs) -> dict[str, float]:
+        """Graded forward/backward (after the own rollout for a raw batch), then at an
+        accumulation boundary an optimizer step."""
+        learner = self.learner
+        inputs = batch if isinstance(batch, SoarInputs) else self.prepare(batch)
+        losses = soar_losses_from_inputs(
+            learner.model.denoise, inputs.to(learner.device), self.schedule, self.hp
+        )
+        # One all-reduce carries the global counts (SPEC §1.6) and the logged sums.
+        totals = torch.stack([
+            losses.sum_main().detach(), losses.sum_aux().detach(),
+            losses.main_B.new_tensor(float(losses.num_main)),
+            losses.main_B.new_tensor(float(losses.num_aux)),
+        ]).double()  # fmt: skip
+        sum_main, sum_aux, num_main, num_aux = learner.all_reduce(totals).tolist()
+        lam = self.hp.lambda_aux
+        loss = normalize_soar_loss(losses.sum_main(), losses.sum_aux(), num_main, num_aux, lam,
+                                   learner.world_size)  # fmt: skip
+        learner.engine.backward(loss)
+        learner.after_backward_step()
+        return {
+            "loss": (sum_main + lam * sum_aux) / max(num_main + lam * num_aux, 1.0),
+            "loss_main": sum_main / max(num_main, 1.0),
+            "loss_aux": sum_aux / max(num_aux, 1.0),
+            "aux_points_per_sample": num_aux / max(num_main, 1.0),
+            "sigma_main_mean": float(losses.diagnostics["sigma_main_mean"]),
+        } | learner.optimizer_metrics()
+
+
+class SoarRollout:
+    """Aux points of the disaggregated mode, made on a rollout worker with its policy version."""
+
+    def __init__(self, worker: RolloutWorker, stage: SoarStage) -> None:
+        self.worker, self.hp = worker, soar_hyperparams(stage)
+        self.schedule = make_schedule(shift=SD3_SCHEDULE_SHIFT)
+
+    def rollout(self, batch: dict[str, Any]) -> tuple[SoarInputs, int]:
+        """Encode one rank's batch, then draws, CFG rollout and aux points; with the version of
+        the weights that made them (the learner then only runs the graded forward)."""
+        worker = self.worker
+        z0, cond = encode_batch(worker.model, batch, worker.device)
+        inputs = prepare_soar_inputs(
+            worker.model.denoise, z0, cond, worker.uncond(), self.schedule, self.hp,
+            generator=worker.generator,
+        )  # fmt: skip
+        return inputs.to("cpu"), worker.version

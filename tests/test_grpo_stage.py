@@ -1,0 +1,223 @@
+"""The Flow-GRPO stage: its epoch plan (pure), and on a real local Ray with DeepSpeed learners on
+gloo, rollout workers and reward actors: on-policy ratios, a rising reward, data-parallel
+equivalence, SOAR -> GRPO chaining with its reference policy, exact resume, a killed reward actor."""
+
+import json
+
+import numpy as np
+import pytest
+import ray
+import torch
+from diffusers import SD3Transformer2DModel
+from safetensors.torch import load_file
+
+from soar_ray.build import build_sd3
+from soar_ray.config import load_job
+from soar_ray.stages.grpo import (
+    epoch_prompts,
+    load_prompts,
+    merge_outputs,
+    plan_epoch,
+    sample_epoch,
+)
+from soar_ray.workers.grpo import SampleRequest, micro_batches_per_update
+from soar_ray.workers.learner import Learner
+from soar_ray.workers.rollout import RolloutWorker
+
+FAST = ["logging.progress_bar=false", "logging.tensorboard=false", "data.synthetic.num_images=16"]
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _job(path, tmp_path, *overrides):
+    return load_job(path, [f"output_dir={tmp_path}", *FAST, *overrides])
+
+
+def _rows(run_dir, stage=None):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if stage is None or r["stage"] == stage]
+
+
+# ---- the epoch plan (pure) -----------------------------------------------------------------------
+
+
+def test_plan_covers_every_sample_once_per_inner_epoch_with_equal_slots():
+    job = load_job("jobs/tiny_grpo.yaml", ["stages.0.num_inner_epochs=2",
+                                          "stages.0.num_updates_per_epoch=2"])  # fmt: skip
+    stage = job.stages[0]  # 16 images an epoch, 2 learners, 2 updates: 4 per rank and update
+    rows = [(i // 8, i % 8) for i in range(13)]  # 3 samples of the 16 were dropped
+    advantages = [float(i) for i in range(13)]
+    plans = plan_epoch(rows, advantages, stage, num_learners=2, seed=0)
+    num_micro = micro_batches_per_update(stage, 2)
+    assert num_micro == 1  # train_batch_size 4 holds a rank's 4 samples of an update
+    seen = []
+    for plan, calls in plans:
+        assert len(plan.updates) == 4  # 2 inner epochs x 2 updates
+        for update in plan.updates:
+            assert len(update.micro_batches) == num_micro
+            for micro in update.micro_batches:
+                assert micro.real and len(micro.rows) <= stage.train_batch_size
+                for (local, row), advantage in zip(micro.rows, micro.advantages):
+                    global_row = (calls[local], row)
+                    assert advantages[rows.index(global_row)] == advantage
+                    seen.append(global_row)
+    assert sorted(seen) == sorted(rows * 2)
+    for u in range(4):  # every rank's update u counts the same global samples: 7 + 6 or 6 + 7
+        counts = {plans[r][0].updates[u].num_samples for r in range(2)}
+        assert len(counts) == 1 and counts.pop() in (6, 7)
+
+
+def test_plan_fills_empty_slots_with_weight_zero_stand_ins():
+    stage = load_job("jobs/tiny_grpo.yaml").stages[0]
+    plans = plan_epoch([(1, 3)], [0.5], stage, num_learners=2, seed=0)
+    # 16 images over 2 learners in micro-batches of 4: 2 slots a rank, all but one stand-ins,
+    # so both ranks run the same backward passes.
+    assert [len(plan.updates[0].micro_batches) for plan, _ in plans] == [2, 2]
+    kinds = [m.real for plan, _ in plans for m in plan.updates[0].micro_batches]
+    assert sorted(kinds) == [False, False, False, True]
+    assert all(calls == [1] for _, calls in plans)
+
+
+def test_epoch_prompts_are_seeded_and_cycle_a_small_set():
+    assert epoch_prompts(8, 4, seed=3) == epoch_prompts(8, 4, seed=3)
+    assert epoch_prompts(8, 4, seed=3) != epoch_prompts(8, 4, seed=4)
+    many = epoch_prompts(3, 7, seed=0)
+    assert sorted(many[:3]) == [0, 1, 2] and sorted(many[3:6]) == [0, 1, 2] and len(many) == 7
+
+
+# ---- on a real local Ray -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_grpo_stage_is_on_policy_and_raises_the_reward(ray_local, tmp_path):
+    from soar_ray.stages.pipeline import run_pipeline
+
+    job = _job("jobs/tiny_grpo.yaml", tmp_path, "stages.0.beta=0.04", "checkpoint.every=1000",
+               "stages.0.checkpoint_every=1000")  # fmt: skip
+    [output] = run_pipeline(job, tmp_path)
+    rows = _rows(tmp_path)
+    train = [r for r in rows if "reward_mean" in r]
+    evals = [r for r in rows if "eval_reward_mean" in r]
+    num_epochs = job.stages[0].num_epochs
+    assert [r["step"] for r in train] == list(range(1, num_epochs + 1))
+    # max_staleness 0: the learners replay exactly the policy that sampled (fp32 tolerance).
+    assert all(r["staleness"] == 0 and r["log_ratio_first"] < 1e-5 for r in train)
+    assert train[0]["kl_first"] == 0.0  # LoRA B = 0: the policy is its reference at first
+    assert train[-1]["kl"] > 0.0
+    first, last = (np.mean([r["reward_mean"] for r in part]) for part in (train[:4], train[-4:]))
+    assert last > first + 0.1, [round(r["reward_mean"], 3) for r in train]
+    assert {"reward_jpeg_compressibility_mean", "policy_loss", "clip_fraction", "approx_kl",
+            "sampling_images_per_s", "scoring_images_per_s", "training_images_per_s",
+            "epoch_images_per_s", "dropped_group_fraction"} <= train[0].keys()  # fmt: skip
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert "eval_reward_jpeg_incompressibility_mean" in evals[0]  # the evaluation-only reward
+    samples = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert "0-grpo-eval-000012.png" in samples and "0-grpo-epoch-000012.png" in samples
+    assert (tmp_path / "0-grpo" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    transformer = SD3Transformer2DModel.from_pretrained(output)
+    assert all(torch.isfinite(p).all() for p in transformer.parameters())
+
+
+def _trajectories(job, num):
+    """One batch of trajectories sampled in this process with the job's initial weights."""
+    worker = RolloutWorker(job, build_sd3(job), seed=0)
+    worker.set_stage(0)
+    prompts = ["a red circle on a blue background", 'a sign that says "SOAR"'] * (num // 2)
+    trajectories, _, _ = worker.rollout(SampleRequest(prompts, seed=11))
+    return trajectories
+
+
+def _grpo_update(job, trajectories, rows, advantages):
+    from soar_ray.cluster.groups import LearnerGroup
+    from soar_ray.cluster.placement import create_topology
+
+    topology = create_topology(job.cluster)
+    group = LearnerGroup(job, topology)
+    try:
+        group.call(Learner.setup_stage, 0)
+        plans = plan_epoch(rows, advantages, job.stages[0], job.cluster.num_learners, seed=0)
+        shards = [(plan, *[trajectories] * len(calls)) for plan, calls in plans]
+        metrics = group.get(group.scatter(Learner.train, shards))[0]
+        weights = ray.get(group.first(Learner.export_weights))
+    finally:
+        group.kill()
+        topology.remove()
+    return metrics, weights
+
+
+@pytest.mark.slow
+def test_grpo_update_on_two_learners_equals_one_learner_on_the_whole_batch(ray_local, tmp_path):
+    overrides = ["stages.0.beta=0.04", "cluster.num_rollout_workers=1",
+                 "deepspeed.zero_stage=2"]  # fmt: skip
+    two = _job("jobs/tiny_grpo.yaml", tmp_path, "cluster.num_learners=2", *overrides)
+    one = _job("jobs/tiny_grpo.yaml", tmp_path, "cluster.num_learners=1", *overrides)
+    trajectories = _trajectories(two, 8)
+    rows = [(0, i) for i in range(8)]
+    advantages = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.25, -0.25]
+    metrics_two, weights_two = _grpo_update(two, trajectories, rows, advantages)
+    metrics_one, weights_one = _grpo_update(one, trajectories, rows, advantages)
+    assert metrics_two["policy_loss"] == pytest.approx(metrics_one["policy_loss"], abs=1e-7)
+    assert metrics_two["grad_norm"] == pytest.approx(metrics_one["grad_norm"], rel=1e-4)
+    assert weights_two.keys() == weights_one.keys() and len(weights_one) > 0
+    for name, value in weights_two.items():
+        torch.testing.assert_close(value, weights_one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_soar_grpo_chain_hands_over_and_resumes_exactly(ray_local, tmp_path):
+    from soar_ray.stages.pipeline import run_pipeline
+
+    chain = ["stages.0.num_steps=4", "stages.1.num_epochs=4", "stages.1.eval_every=0",
+             "checkpoint.every=2", "stages.1.checkpoint_every=2", "logging.sample_every=0"]  # fmt: skip
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_pipeline(_job("jobs/tiny_soar_grpo.yaml", straight, *chain), straight)
+    # The GRPO stage starts from the SOAR output: its merged output is that plus its LoRA delta,
+    # and every weight LoRA does not touch is the SOAR weight, bit for bit.
+    soar = load_file(straight / "soar" / "transformer" / WEIGHTS)
+    grpo = load_file(straight / "grpo" / "transformer" / WEIGHTS)
+    rebuilt = SD3Transformer2DModel.from_pretrained(straight / "soar" / "transformer")
+    rebuilt.load_lora_adapter(str(straight / "grpo" / "lora"), adapter_name="default")
+    rebuilt.fuse_lora()
+    rebuilt.unload_lora()
+    targets = [k for k in soar if ".attn." in k and "to_" in k and k.endswith("weight")]
+    assert targets and any(not torch.equal(soar[k], grpo[k]) for k in targets)
+    for key, value in rebuilt.state_dict().items():
+        torch.testing.assert_close(value, grpo[key], rtol=1e-5, atol=1e-6, msg=key)
+        if key not in targets:
+            assert torch.equal(soar[key], grpo[key]), key
+    rows = _rows(straight)
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]  # counts job-wide
+
+    # The same job in three runs: SOAR alone (then the boundary), GRPO to epoch 2, the rest.
+    soar_only = ["stages=[{algorithm: soar, name: soar, num_steps: 4, optimizer: {lr: 1.0e-3}}]"]
+    run_pipeline(_job("jobs/tiny_soar_grpo.yaml", split, *chain, *soar_only), split)
+    run_pipeline(_job("jobs/tiny_soar_grpo.yaml", split, *chain, "stages.1.num_epochs=2"), split)
+    run_pipeline(_job("jobs/tiny_soar_grpo.yaml", split, *chain), split)
+    resumed = load_file(split / "grpo" / "transformer" / WEIGHTS)
+    for key, value in grpo.items():
+        assert torch.equal(value, resumed[key]), key
+    assert [r["step"] for r in _rows(split, "grpo")] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_reward_actor_killed_mid_epoch_loses_no_score(ray_local, tmp_path):
+    from soar_ray.stages.context import StageContext
+
+    job = _job("jobs/tiny_grpo.yaml", tmp_path, "stages.0.eval_every=0")
+    ctx = StageContext(job, tmp_path)
+    try:
+        ctx.start_stage(0, handoff=False)
+        ctx.sync.push(0)
+        victim = ray.get_actor("reward-jpeg_compressibility-0")
+        pid = ray.get(victim.pid.remote())
+        prompts = load_prompts(job.data.prompts, "data.prompts")
+        rollout = sample_epoch(ctx, 0, prompts, epoch=1)
+        # The scoring calls wait for images the workers are still sampling: kill the actor now.
+        pending = [c.ref for h in rollout.rewards for c in h.calls]
+        assert len(ray.wait(pending, num_returns=len(pending), timeout=0)[0]) < len(pending)
+        ray.kill(victim, no_restart=False)
+        output = merge_outputs([handle.result(timeout=300) for handle in rollout.rewards])
+        assert output.num_dropped == 0 and len(output.scores) == 16
+        assert np.isfinite(output.scores).all() and (output.scores < 0).all()
+        assert ray.get(victim.pid.remote()) != pid  # Ray restarted it and reran its calls
+    finally:
+        ctx.close()
