@@ -28,6 +28,11 @@ RAY_METRIC_HELP = {
     "policy_version": "Optimizer updates of the policy so far",
     "staleness": "Policy versions between the rollout policy and the learners",
     "checkpoint_seconds": "Seconds the last checkpoint took",
+    "reward_mean": "Mean weighted reward of the last GRPO epoch's rollouts",
+    "kl": "Mean KL to the reference policy over the last GRPO epoch",
+    "clip_fraction": "Fraction of clipped policy ratios over the last GRPO epoch",
+    "log_ratio_first": "Mean |log ratio| at the first update of the last GRPO epoch (0 on-policy)",
+    "epoch_images_per_s": "Images per second of the last GRPO epoch, end to end",
 }
 RAY_TAG_KEYS = ("job", "stage")
 _GAUGES: dict[str, Gauge] = {}

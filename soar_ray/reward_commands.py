@@ -98,12 +98,9 @@ class CheckRow:
 
 
 def configured_rewards(job: JobConfig) -> list[str]:
-    """Rewards of `job.rewards`, then those only its GRPO stages name, each once."""
-    names = list(job.rewards)
-    for stage in job.stages:
-        if stage.algorithm == "grpo":
-            names += [name for name in stage.rewards if name not in names]
-    return names
+    """Rewards of `job.rewards`, then those only its GRPO stages name (trained on or evaluated
+    with), each once."""
+    return list(job.rewards) + [name for name in job.reward_names if name not in job.rewards]
 
 
 def describe_backend(name: str, config: RewardConfig) -> str:

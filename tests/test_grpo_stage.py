@@ -11,6 +11,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 
+from soar_ray.algo.flow import guided_velocity
+from soar_ray.algo.grpo import sde_step_with_logprob
 from soar_ray.build import build_sd3
 from soar_ray.config import load_job
 from soar_ray.stages.grpo import (
@@ -77,6 +79,24 @@ def test_plan_fills_empty_slots_with_weight_zero_stand_ins():
     assert all(calls == [1] for _, calls in plans)
 
 
+def test_trained_samples_leave_out_dropped_samples_and_flat_groups():
+    from soar_ray.cluster.rewards import PoolOutput
+    from soar_ray.stages.grpo import trained_samples
+
+    stage = load_job("jobs/tiny_grpo.yaml").stages[0]
+    scores = np.array([1.0, np.nan, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    output = PoolOutput(scores, {}, {"r": np.array([1])}, {"r": 0.0})  # sample 1 was dropped
+    used, advantages = trained_samples(output, np.repeat([0, 1], 4), stage)
+    # Kept: 1, 3, 4 (group 0, mean 8/3) and 5, 5, 5, 5 (group 1: all advantages 0, dropped).
+    # The std is over all 7 kept rewards (global_std): mean 4, variance 14 / 7 = 2.
+    assert used.tolist() == [0, 2, 3]
+    expected = [(r - 8 / 3) / (2**0.5 + 1e-4) for r in (1.0, 3.0, 4.0)]
+    np.testing.assert_allclose(advantages.numpy(), expected, rtol=1e-12)
+    nothing = PoolOutput(np.full(8, np.nan), {}, {"r": np.arange(8)}, {"r": 0.0})
+    used, advantages = trained_samples(nothing, np.repeat([0, 1], 4), stage)
+    assert len(used) == 0 and len(advantages) == 0
+
+
 def test_epoch_prompts_are_seeded_and_cycle_a_small_set():
     assert epoch_prompts(8, 4, seed=3) == epoch_prompts(8, 4, seed=3)
     assert epoch_prompts(8, 4, seed=3) != epoch_prompts(8, 4, seed=4)
@@ -87,8 +107,46 @@ def test_epoch_prompts_are_seeded_and_cycle_a_small_set():
 # ---- on a real local Ray -------------------------------------------------------------------------
 
 
+def test_an_update_raises_the_log_prob_of_positive_advantages(tmp_path):
+    """One GRPO update on the in-process engine moves the policy toward the trajectories with a
+    positive advantage and away from the others (the sign of SPEC §3's surrogate)."""
+    from soar_ray.build import build_learner
+
+    job = _job("jobs/tiny_grpo.yaml", tmp_path, "stages.0.lora.enabled=false",
+               "cluster.num_learners=1", "stages.0.optimizer.lr=1e-3")  # fmt: skip
+    trajectories = _trajectories(job, 4)
+    learner = build_learner(job, build_sd3(job), distributed=False)
+    learner.setup_stage(0)
+
+    def log_probs():
+        step, num = learner.step, 4
+        total = torch.zeros(num)
+        uncond = {k: v.expand(num, *v.shape[1:]) for k, v in trajectories.uncond.items()}
+        with torch.no_grad():
+            for j in range(step.num_timesteps):
+                x, x_next = trajectories.latents[:, j], trajectories.latents[:, j + 1]
+                timestep = step.grid.timesteps[j].expand(num)
+                v = guided_velocity(learner.model.denoise, x, timestep, trajectories.cond, uncond,
+                                    job.stages[0].cfg_scale)  # fmt: skip
+                total += sde_step_with_logprob(
+                    x, v, step.grid.sigmas[j], step.grid.sigmas[j + 1],
+                    noise_level=job.stages[0].noise_level, prev_sample=x_next,
+                )[1]  # fmt: skip
+        return total
+
+    before = log_probs()
+    torch.testing.assert_close(before, trajectories.log_probs.sum(1), rtol=1e-5, atol=1e-5)
+    [(plan, calls)] = plan_epoch([(0, i) for i in range(4)], [1.0, -1.0, 1.0, -1.0],
+                                 job.stages[0], num_learners=1, seed=0)  # fmt: skip
+    assert calls == [0] and len(plan.updates) == 1  # one optimizer step
+    metrics = learner.train(plan, trajectories)
+    assert metrics["log_ratio_first"] < 1e-6 and metrics["grad_norm"] > 0
+    delta = log_probs() - before
+    assert (delta[[0, 2]] > 0).all() and (delta[[1, 3]] < 0).all(), delta
+
+
 @pytest.mark.slow
-def test_grpo_stage_is_on_policy_and_raises_the_reward(ray_local, tmp_path):
+def test_grpo_stage_runs_on_policy_with_its_metrics_and_outputs(ray_local, tmp_path):
     from soar_ray.stages.pipeline import run_pipeline
 
     job = _job("jobs/tiny_grpo.yaml", tmp_path, "stages.0.beta=0.04", "checkpoint.every=1000",
@@ -102,9 +160,7 @@ def test_grpo_stage_is_on_policy_and_raises_the_reward(ray_local, tmp_path):
     # max_staleness 0: the learners replay exactly the policy that sampled (fp32 tolerance).
     assert all(r["staleness"] == 0 and r["log_ratio_first"] < 1e-5 for r in train)
     assert train[0]["kl_first"] == 0.0  # LoRA B = 0: the policy is its reference at first
-    assert train[-1]["kl"] > 0.0
-    first, last = (np.mean([r["reward_mean"] for r in part]) for part in (train[:4], train[-4:]))
-    assert last > first + 0.1, [round(r["reward_mean"], 3) for r in train]
+    assert train[-1]["kl"] > 0.0 and train[-1]["policy_version"] == num_epochs
     assert {"reward_jpeg_compressibility_mean", "policy_loss", "clip_fraction", "approx_kl",
             "sampling_images_per_s", "scoring_images_per_s", "training_images_per_s",
             "epoch_images_per_s", "dropped_group_fraction"} <= train[0].keys()  # fmt: skip
@@ -175,10 +231,11 @@ def test_soar_grpo_chain_hands_over_and_resumes_exactly(ray_local, tmp_path):
     soar = load_file(straight / "soar" / "transformer" / WEIGHTS)
     grpo = load_file(straight / "grpo" / "transformer" / WEIGHTS)
     rebuilt = SD3Transformer2DModel.from_pretrained(straight / "soar" / "transformer")
-    rebuilt.load_lora_adapter(str(straight / "grpo" / "lora"), adapter_name="default")
+    rebuilt.load_lora_adapter(str(straight / "grpo" / "lora"), prefix=None, use_safetensors=True)
     rebuilt.fuse_lora()
     rebuilt.unload_lora()
-    targets = [k for k in soar if ".attn." in k and "to_" in k and k.endswith("weight")]
+    lora = load_file(straight / "grpo" / "lora" / "pytorch_lora_weights.safetensors")
+    targets = {k.split(".lora_")[0] + ".weight" for k in lora}
     assert targets and any(not torch.equal(soar[k], grpo[k]) for k in targets)
     for key, value in rebuilt.state_dict().items():
         torch.testing.assert_close(value, grpo[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -188,7 +245,8 @@ def test_soar_grpo_chain_hands_over_and_resumes_exactly(ray_local, tmp_path):
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]  # counts job-wide
 
     # The same job in three runs: SOAR alone (then the boundary), GRPO to epoch 2, the rest.
-    soar_only = ["stages=[{algorithm: soar, name: soar, num_steps: 4, optimizer: {lr: 1.0e-3}}]"]
+    soar_only = ["stages=[{algorithm: soar, name: soar, num_steps: 4, optimizer: {lr: 1.0e-3}}]",
+                 "cluster.reward_actors={}"]  # fmt: skip
     run_pipeline(_job("jobs/tiny_soar_grpo.yaml", split, *chain, *soar_only), split)
     run_pipeline(_job("jobs/tiny_soar_grpo.yaml", split, *chain, "stages.1.num_epochs=2"), split)
     run_pipeline(_job("jobs/tiny_soar_grpo.yaml", split, *chain), split)

@@ -119,3 +119,26 @@ def test_learners_hold_only_what_they_use(overrides, expected):
 
     job = load_job(JOB, overrides)
     assert learner_components(job) == (COMPONENTS if expected == "all" else ("transformer",))
+
+
+def test_sample_prompts_file_replaces_the_list(tmp_path):
+    from soar_ray.stages.context import sample_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# sample prompts\na dog on a beach\n\na cat\n")
+    job = load_job(JOB, [f"logging.sample_prompts_file={prompts}", "logging.num_sample_prompts=3"])
+    assert sample_prompts(job) == ["a dog on a beach", "a cat"]
+    default = load_job(JOB)
+    assert sample_prompts(default) == default.logging.sample_prompts[:4]
+
+
+def test_allow_tf32_reaches_torch():
+    from soar_ray.build import build_sd3
+
+    try:
+        for flag in (False, True):
+            build_sd3(load_job(JOB, [f"deepspeed.allow_tf32={flag}"]), components=("transformer",))
+            assert torch.backends.cuda.matmul.allow_tf32 is flag
+            assert torch.backends.cudnn.allow_tf32 is flag
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False

@@ -82,6 +82,23 @@ def test_same_seed_gives_same_lora_init():
     assert all(torch.equal(a_first[k], a_second[k]) for k in a_first)
 
 
+def test_init_and_dropout_options_reach_peft():
+    gaussian, default = build_transformer("tiny"), build_transformer("tiny")
+    add_lora(gaussian, rank=8, seed=4)
+    add_lora(default, rank=8, seed=4, init="default", dropout=0.25)
+    a_gauss = gaussian.transformer_blocks[0].attn.to_q.lora_A["default"].weight
+    layer = default.transformer_blocks[0].attn.to_q
+    # gaussian: A ~ N(0, 1/r), std 1/8; peft's default: Kaiming-uniform, |A| <= 1/sqrt(32) here.
+    assert a_gauss.abs().max() > 1 / 32**0.5
+    assert layer.lora_A["default"].weight.abs().max() <= 1 / 32**0.5 + 1e-6
+    assert torch.equal(
+        layer.lora_B["default"].weight, torch.zeros_like(layer.lora_B["default"].weight)
+    )
+    assert layer.lora_dropout["default"].p == 0.25
+    with pytest.raises(ValueError, match="LoRA init must be one of"):
+        add_lora(build_transformer("tiny"), init="pissa")
+
+
 def test_gradients_reach_only_lora_weights(base, lora_transformer):
     _, inputs, _ = base
     _perturb_lora_b(lora_transformer)

@@ -13,7 +13,8 @@ from soar_ray.reward_commands import add_reward_commands, match_images
 
 GRPO_JOB = """\
 data: {source: synthetic, prompts: {path: prompts.txt}}
-stages: [{algorithm: grpo, rewards: {ocr: 1.0, geneval: 0.5}}]
+stages: [{algorithm: grpo, rewards: {ocr: 1.0, geneval: 0.5}, eval_every: 0}]
+cluster: {num_rollout_workers: 1}
 rewards:
   ocr: {device: cpu, options: {num_threads: 1}}
 """

@@ -149,6 +149,21 @@ def plan_epoch(
     return plans
 
 
+def trained_samples(
+    output: PoolOutput, group_ids: np.ndarray, stage: GrpoStage
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Indices of the samples to train on and their advantages: samples no reward dropped, in
+    groups whose advantages are not all zero (SPEC §3)."""
+    kept = np.flatnonzero(output.kept)
+    if not len(kept):  # every sample dropped by `on_bad_score: drop`
+        return kept, torch.zeros(0, dtype=torch.float64)
+    advantages, keep = group_advantages(
+        torch.from_numpy(output.scores[kept]), torch.from_numpy(group_ids[kept]),
+        global_std=stage.global_std, adv_clip_max=stage.adv_clip_max,
+    )  # fmt: skip
+    return kept[keep.numpy()], advantages[keep]
+
+
 def reward_metrics(output: PoolOutput, prefix: str) -> dict[str, float]:
     """Mean and std of the weighted total and of every reward component over kept samples."""
     kept = output.kept
@@ -195,15 +210,9 @@ def run_grpo_stage(ctx: StageContext, stage_index: int, start: StageStart) -> St
         output = merge_outputs([handle.result() for handle in rollout.rewards])
         infos: list[RolloutInfo] = ray.get(rollout.infos)
         waited = time.perf_counter() - start_time
-        kept = np.flatnonzero(output.kept)
-        advantages, keep = group_advantages(
-            torch.from_numpy(output.scores[kept]), torch.from_numpy(rollout.group_ids[kept]),
-            global_std=stage.global_std, adv_clip_max=stage.adv_clip_max,
-        )  # fmt: skip
-        used = kept[keep.numpy()]
+        used, trained_advantages = trained_samples(output, rollout.group_ids, stage)
         sample_size = stage.sample_batch_size
         rows = [(int(i) // sample_size, int(i) % sample_size) for i in used]
-        trained_advantages = advantages[keep]
         metrics = reward_metrics(output, "reward") | {
             "advantage_mean": float(trained_advantages.mean()),
             "advantage_std": float(trained_advantages.std()),

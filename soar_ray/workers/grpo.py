@@ -178,6 +178,10 @@ class GrpoStep:
         """Every update of the plan; metrics are means over all ranks' real samples and steps."""
         start = time.perf_counter()
         learner = self.learner
+        num_micro = self.accumulation // self.num_timesteps
+        if any(len(update.micro_batches) != num_micro for update in plan.updates):
+            # The engine steps the optimizer after exactly this many backward passes.
+            raise ValueError(f"every update of a GrpoPlan must hold {num_micro} micro-batches")
         # Sums over real samples and steps (all-reduced once at the end), of the epoch and of
         # its first update, made before any optimizer step (on-policy: log-ratio 0).
         sums = torch.zeros(2, len(SUMS), dtype=torch.float64)

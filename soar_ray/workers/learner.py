@@ -249,7 +249,8 @@ class Learner:
     def save_transformer(self, path: str | Path) -> str | None:
         """The stage output on rank 0 as a diffusers folder (EMA where enabled, LoRA merged); a
         LoRA stage also writes its adapter in peft format to `path`/../lora (load it with
-        `SD3Transformer2DModel.load_lora_adapter`). Collective under ZeRO-3."""
+        `transformer.load_lora_adapter(folder, prefix=None, use_safetensors=True)`). Collective
+        under ZeRO-3."""
         transformer = self.stage_output()
         if self.rank != 0:
             return None
