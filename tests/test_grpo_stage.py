@@ -113,7 +113,7 @@ def test_an_update_raises_the_log_prob_of_positive_advantages(tmp_path):
     from soar_ray.build import build_learner
 
     job = _job("jobs/tiny_grpo.yaml", tmp_path, "stages.0.lora.enabled=false",
-               "cluster.num_learners=1", "stages.0.optimizer.lr=1e-3")  # fmt: skip
+               "cluster.num_learners=1", "stages.0.optimizer.lr=1e-3", "stages.0.beta=0.04")  # fmt: skip
     trajectories = _trajectories(job, 4)
     learner = build_learner(job, build_sd3(job), distributed=False)
     learner.setup_stage(0)
@@ -141,6 +141,8 @@ def test_an_update_raises_the_log_prob_of_positive_advantages(tmp_path):
     assert calls == [0] and len(plan.updates) == 1  # one optimizer step
     metrics = learner.train(plan, trajectories)
     assert metrics["log_ratio_first"] < 1e-6 and metrics["grad_norm"] > 0
+    # Full fine-tuning: the KL is to a frozen copy of the stage's initial weights.
+    assert learner.reference is not None and metrics["kl_first"] == 0.0
     delta = log_probs() - before
     assert (delta[[0, 2]] > 0).all() and (delta[[1, 3]] < 0).all(), delta
 
@@ -171,6 +173,20 @@ def test_grpo_stage_runs_on_policy_with_its_metrics_and_outputs(ray_local, tmp_p
     assert (tmp_path / "0-grpo" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     transformer = SD3Transformer2DModel.from_pretrained(output)
     assert all(torch.isfinite(p).all() for p in transformer.parameters())
+
+
+@pytest.mark.slow
+def test_max_staleness_one_samples_the_next_epoch_during_training(ray_local, tmp_path):
+    from soar_ray.stages.pipeline import run_pipeline
+
+    job = _job("jobs/tiny_grpo.yaml", tmp_path, "stages.0.max_staleness=1",
+               "stages.0.num_epochs=3", "stages.0.eval_every=0", "logging.sample_every=0")  # fmt: skip
+    run_pipeline(job, tmp_path)
+    rows = _rows(tmp_path)
+    # Epoch 1 is sampled with the initial weights; epoch n + 1 while epoch n trains, one behind.
+    assert [r["staleness"] for r in rows] == [0, 1, 1]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3]
+    assert all(r["log_ratio_first"] > 0 for r in rows[1:])  # off-policy by one update
 
 
 def _trajectories(job, num):
