@@ -193,8 +193,6 @@ def run_grpo_stage(ctx: StageContext, stage_index: int, start: StageStart) -> St
     job, stage = ctx.job, ctx.job.stages[stage_index]
     prompts = load_prompts(job.data.prompts, "data.prompts")
     loop = StageLoop(ctx, stage_index, start, total=stage.num_epochs, unit="epoch")
-    updates_per_epoch = stage.num_updates_per_epoch * stage.num_inner_epochs
-    world, num_workers = job.cluster.num_learners, len(ctx.rollouts)
     ctx.sync.push(loop.version)
     if stage.eval_every and loop.step == 0:
         evaluate(ctx, stage_index, loop)
@@ -206,25 +204,19 @@ def run_grpo_stage(ctx: StageContext, stage_index: int, start: StageStart) -> St
             pending.append(sample_epoch(ctx, stage_index, prompts, next_epoch))
             next_epoch += 1
         rollout = pending.popleft()
-        # Scores arrive per batch while later batches still sample.
+        # Scores arrive batch by batch while later batches still sample.
         output = merge_outputs([handle.result() for handle in rollout.rewards])
         infos: list[RolloutInfo] = ray.get(rollout.infos)
         waited = time.perf_counter() - start_time
-        used, trained_advantages = trained_samples(output, rollout.group_ids, stage)
-        sample_size = stage.sample_batch_size
-        rows = [(int(i) // sample_size, int(i) % sample_size) for i in used]
-        metrics = reward_metrics(output, "reward") | {
-            "advantage_mean": float(trained_advantages.mean()),
-            "advantage_std": float(trained_advantages.std()),
-            "advantage_abs_mean": float(trained_advantages.abs().mean()),
-            "dropped_group_fraction": 1 - len(np.unique(rollout.group_ids[used])) / (
-                stage.num_groups_per_epoch),
-            "num_dropped_samples": output.num_dropped, "num_trained_samples": len(used),
-            "staleness": loop.version - min(info.version for info in infos),
-        }  # fmt: skip
+        used, advantages = trained_samples(output, rollout.group_ids, stage)
+        metrics = epoch_metrics(stage, rollout, output, used, advantages) | {
+            "staleness": loop.version - min(info.version for info in infos)
+        }
         train_refs = []
         if len(used):
-            plans = plan_epoch(rows, trained_advantages.tolist(), stage, world,
+            rows = [(int(i) // stage.sample_batch_size, int(i) % stage.sample_batch_size)
+                    for i in used]  # fmt: skip
+            plans = plan_epoch(rows, advantages.tolist(), stage, job.cluster.num_learners,
                                derived_seed(job.seed, stage_index, epoch, -1))  # fmt: skip
             shards = [(plan, *[rollout.trajectories[c] for c in calls]) for plan, calls in plans]
             train_refs = ctx.learners.scatter(Learner.train, shards)
@@ -233,24 +225,45 @@ def run_grpo_stage(ctx: StageContext, stage_index: int, start: StageStart) -> St
             next_epoch += 1
         if train_refs:
             metrics |= ctx.learners.get(train_refs)[0]
-            loop.version += updates_per_epoch
+            loop.version += stage.num_updates_per_epoch * stage.num_inner_epochs
             ctx.sync.push(loop.version)
-        num_images = len(rollout.prompts)
-        sampling_s = sum(info.seconds for info in infos) / num_workers
-        epoch_s = time.perf_counter() - start_time
-        metrics |= {
-            "sample_wait_seconds": waited, "overlap_seconds": max(sampling_s - waited, 0.0),
-            "sampling_images_per_s": num_images / sampling_s,
-            "scoring_images_per_s": num_images / max(max(output.seconds.values()), 1e-9),
-            "training_images_per_s": len(used) * stage.num_inner_epochs / max(
-                metrics.get("train_seconds", 0.0), 1e-9) if len(used) else 0.0,
-            "epoch_images_per_s": num_images / epoch_s,
-        }  # fmt: skip
+        metrics |= speed_metrics(stage, rollout, output, infos, len(used), len(ctx.rollouts),
+                                 waited, time.perf_counter() - start_time,
+                                 metrics.get("train_seconds"))  # fmt: skip
         postfix = {"reward": f"{metrics['reward_mean']:.4f}", "kl": f"{metrics.get('kl', 0):.2e}"}
         loop.end(metrics, postfix, render=lambda r=rollout, o=output: render_epoch(ctx, loop, r, o))
         if loop.due(stage.eval_every):
             evaluate(ctx, stage_index, loop)
     return loop.close()
+
+
+def epoch_metrics(stage: GrpoStage, rollout: EpochRollout, output: PoolOutput, used: np.ndarray,
+                  advantages: torch.Tensor) -> dict[str, float]:  # fmt: skip
+    """Rewards (total and every component), advantages and what was left out of training."""
+    trained_groups = len(np.unique(rollout.group_ids[used]))
+    return reward_metrics(output, "reward") | {
+        "advantage_mean": float(advantages.mean()), "advantage_std": float(advantages.std()),
+        "advantage_abs_mean": float(advantages.abs().mean()),
+        "dropped_group_fraction": 1 - trained_groups / stage.num_groups_per_epoch,
+        "num_dropped_samples": output.num_dropped, "num_trained_samples": len(used),
+    }  # fmt: skip
+
+
+def speed_metrics(
+    stage: GrpoStage, rollout: EpochRollout, output: PoolOutput, infos: list[RolloutInfo],
+    num_trained: int, num_workers: int, waited: float, epoch_s: float, train_s: float | None,
+) -> dict[str, float]:  # fmt: skip
+    """Images per second of sampling (per worker's busy time), scoring, training and the whole
+    epoch; how long the driver waited for samples and how much sampling hid behind training."""
+    num_images = len(rollout.prompts)
+    sampling_s = sum(info.seconds for info in infos) / num_workers
+    training = num_trained * stage.num_inner_epochs / train_s if train_s else 0.0
+    return {
+        "sample_wait_seconds": waited, "overlap_seconds": max(sampling_s - waited, 0.0),
+        "sampling_images_per_s": num_images / sampling_s,
+        "scoring_images_per_s": num_images / max(max(output.seconds.values()), 1e-9),
+        "training_images_per_s": training, "epoch_images_per_s": num_images / epoch_s,
+    }  # fmt: skip
 
 
 def render_epoch(ctx: StageContext, loop: StageLoop, rollout: EpochRollout,
