@@ -20,7 +20,8 @@ from pathlib import Path
 
 FIELDS = ("sampling_images_per_s", "scoring_images_per_s", "training_images_per_s",
           "epoch_images_per_s", "train_seconds", "sample_wait_seconds", "overlap_seconds",
-          "gpu_peak_memory_gib", "num_trained_samples", "reward_mean", "kl")  # fmt: skip
+          "gpu_peak_memory_gib", "num_trained_samples", "reward_mean", "kl",
+          "staleness")  # fmt: skip
 PROMPTS = [
     "a photo of a red bicycle leaning against a brick wall",
     "a watercolor painting of a lighthouse at dawn",
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=9, help="sample and train batch")
     parser.add_argument("--updates", type=int, default=2, help="optimizer updates per epoch")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--max-staleness", type=int, default=0,
+                        help="epochs sampled ahead of training (0: on-policy)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1, help="epochs left out of the median")
     parser.add_argument("--out", default="/tmp/grpo-bench")
     parser.add_argument("--dry-run", action="store_true", help="validate the overrides only")
@@ -75,6 +78,7 @@ def main() -> None:
         f"stages.0.sample_batch_size={args.batch_size}",
         f"stages.0.train_batch_size={args.batch_size}",
         f"stages.0.num_updates_per_epoch={args.updates}", "stages.0.checkpoint_every=1000",
+        f"stages.0.max_staleness={args.max_staleness}",
         "cluster.num_learners=1", f"cluster.gpus_per_learner={half}",
         "cluster.num_rollout_workers=1", f"cluster.gpus_per_rollout_worker={half}",
         f"cluster.colocate_rollout_with_learners={'true' if half else 'false'}",
