@@ -53,6 +53,19 @@ def prepare_stage_model(
     return [p for _, p in named_trainable(transformer)]
 
 
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers' warnings off inside the block (restored after)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 class Ema:
     """EMA of trainable weights with warm-up decay min((1 + n) / (10 + n), decay) (SPEC §3)."""
 
@@ -256,7 +269,9 @@ class Learner:
             return None
         path = Path(path)
         if has_lora(transformer):
-            transformer.save_lora_adapter(str(path.parent / "lora"))
+            # save_lora_adapter calls `to(dtype=None)`, which diffusers warns about as a cast.
+            with quiet_diffusers():
+                transformer.save_lora_adapter(str(path.parent / "lora"))
             merge_lora(transformer)
         return str(save_transformer(transformer, path))
 
