@@ -353,6 +353,10 @@ GRPO = ("data.prompts.path=p.txt", "cluster.num_rollout_workers=1", "stages.0.ev
         ),
         (("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"), "zero_stage >= 1"),
         (
+            ("deepspeed.zero_stage=3", "stages.0.ema.enabled=true"),
+            "stages.0.ema.enabled: EMA needs whole parameters on every rank",
+        ),
+        (
             ("cluster.colocate_rollout_with_learners=true",),
             "needs cluster.num_rollout_workers >= 1",
         ),

@@ -354,6 +354,12 @@ class JobConfig(Section):
                 f"deepspeed.precision: {engine.precision!r} needs GPUs; CPU learners "
                 "(cluster.gpus_per_learner 0) train in 'fp32'"
             )
+        for i, stage in enumerate(self.stages):
+            if stage.ema.enabled and engine.zero_stage == 3:
+                raise ValueError(
+                    f"stages.{i}.ema.enabled: EMA needs whole parameters on every rank; use "
+                    "deepspeed.zero_stage <= 2 or turn the stage's EMA off"
+                )
         if engine.offload_params and engine.zero_stage != 3:
             raise ValueError("deepspeed.offload_params: needs deepspeed.zero_stage 3")
         if engine.offload_optimizer and engine.zero_stage == 0:

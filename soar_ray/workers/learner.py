@@ -130,10 +130,6 @@ class Learner:
         if self.engine is not None:
             raise RuntimeError("finish_stage must end the previous stage before setup_stage")
         job, stage = self.job, self.job.stages[stage_index]
-        if stage.ema.enabled and self.zero_stage == 3:
-            raise ValueError(
-                f"stages.{stage_index}.ema.enabled: EMA needs whole parameters; use ZeRO stage <= 2"
-            )
         step_type = STEPS[stage.algorithm]
         transformer = self.model.transformer
         # Full fine-tuning keeps a frozen copy of the stage's initial weights as the reference
