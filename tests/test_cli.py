@@ -80,6 +80,17 @@ def test_empty_or_bad_prompt_file_stops_before_any_actor(tmp_path, capsys, text,
     assert not (tmp_path / "r").exists()  # stopped before the run folder, Ray and any actor
 
 
+def test_resume_inside_a_stage_without_the_previous_output_stops_before_any_actor(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    folder = run_dir / "checkpoints" / "step-01-0000002"  # a complete checkpoint inside GRPO
+    folder.mkdir(parents=True)
+    state = {"stage_index": 1, "stage_name": "grpo", "step": 2, "policy_version": 42}
+    (folder / "state.json").write_text(json.dumps(state))
+    err = _error(capsys, "--set", f"output_dir={run_dir}", job="jobs/tiny_soar_grpo.yaml")
+    assert f"{run_dir / 'soar' / 'transformer'}: resuming {folder} inside stage 'grpo'" in err
+    assert "checkpoint.resume: never" in err
+
+
 @pytest.mark.slow
 def test_topology_larger_than_the_cluster_fails_before_any_actor(ray_local, tmp_path, capsys):
     err = _error(capsys, "--set", f"output_dir={tmp_path}", "--set", "cluster.num_learners=64",

@@ -94,12 +94,6 @@ class StageContext:
 
     def load_stage_output(self, path: Path) -> None:
         """Resuming inside a later stage: the learners start from an earlier stage's output."""
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path}: the output of the stage before the resumed one is missing; it is "
-                "written when that stage ends. Resume from an earlier checkpoint "
-                "(checkpoint.resume: <path>) or start over (checkpoint.resume: never)"
-            )
         self.learners.call(Learner.load_transformer, str(path))
 
     # ---- checkpoints, metrics, pictures ------------------------------------------------------------

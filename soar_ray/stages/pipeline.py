@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from soar_ray.checkpoint import read_state, resolve_resume
+from soar_ray.checkpoint import CheckpointManager, read_state, resolve_resume
 from soar_ray.config import ConfigError, JobConfig
 from soar_ray.stages.context import StageContext
 from soar_ray.stages.grpo import check_grpo_stage, run_grpo_stage
@@ -49,11 +49,19 @@ def check_pipeline(job: JobConfig) -> None:
 def run_pipeline(job: JobConfig, run_dir: Path) -> list[Path]:
     """Every stage's exported transformer folder, in stage order."""
     check_pipeline(job)
+    checkpoints = CheckpointManager(job.checkpoint_path, job.checkpoint.keep_last)
+    resume = resolve_resume(job.checkpoint.resume, checkpoints)
+    first = read_state(resume).stage_index if resume is not None else 0
+    outputs = [run_dir / name / "transformer" for name in job.stage_names[:first]]
+    if first > 0 and not (outputs[-1] / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{outputs[-1]}: resuming {resume} inside stage {job.stage_names[first]!r} needs the "
+            "output of the stage before it, written when that stage ended, and it is missing; "
+            "resume from an earlier checkpoint (checkpoint.resume: <path>) or start over "
+            "(checkpoint.resume: never)"
+        )
     ctx = StageContext(job, run_dir)
     try:
-        resume = resolve_resume(job.checkpoint.resume, ctx.checkpoints)
-        first = read_state(resume).stage_index if resume is not None else 0
-        outputs = [run_dir / name / "transformer" for name in job.stage_names[:first]]
         if first > 0:
             ctx.load_stage_output(outputs[-1])
         version = 0  # a resumed stage takes its version from the checkpoint
