@@ -11,6 +11,8 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import PreTrainedTokenizerBase
 
 Cond = dict[str, torch.Tensor]
+# SD3 and SD3.5 (Medium and Large) train and sample on FlowMatchEulerDiscreteScheduler(shift=3.0).
+SD3_SCHEDULE_SHIFT = 3.0
 COND_KEYS = ("prompt_embeds", "pooled_embeds")  # [B, L, D] and [B, P]
 _PARTS = (
     "transformer",

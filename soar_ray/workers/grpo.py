@@ -22,13 +22,12 @@ from soar_ray.algo.grpo import grpo_policy_loss, sde_step_with_logprob
 from soar_ray.config import GrpoStage, JobConfig
 from soar_ray.metrics import to_uint8_images
 from soar_ray.models import adapters_disabled
-from soar_ray.models.sd3 import sd3_denoise
+from soar_ray.models.sd3 import SD3_SCHEDULE_SHIFT, sd3_denoise
 
 if TYPE_CHECKING:
     from soar_ray.workers.learner import Learner
     from soar_ray.workers.rollout import RolloutWorker
 
-SD3_SCHEDULE_SHIFT = 3.0
 SUMS = ("policy", "kl", "approx_kl", "clipped", "abs_log_ratio", "count")
 """What a learner sums per (sample, step) for the epoch's metrics."""
 

@@ -12,7 +12,7 @@ from soar_ray.algo.sampling import sample_ode
 from soar_ray.config import JobConfig
 from soar_ray.metrics import to_uint8_images
 from soar_ray.models import SD3Model
-from soar_ray.models.sd3 import move
+from soar_ray.models.sd3 import SD3_SCHEDULE_SHIFT, move
 from soar_ray.workers.grpo import GrpoRollout
 from soar_ray.workers.soar import SoarRollout
 
@@ -27,7 +27,7 @@ def generate_images(
     num_steps: int,
     guidance: float,
     seed: int,
-    shift: float = 3.0,
+    shift: float = SD3_SCHEDULE_SHIFT,
 ) -> torch.Tensor:
     """Pixels [B, 3, H, W] in [-1, 1]: `num_steps` Euler ODE steps with CFG, noise from `seed`."""
     factor = model.vae_scale_factor

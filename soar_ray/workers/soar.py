@@ -23,13 +23,11 @@ from soar_ray.algo.soar import (
 )
 from soar_ray.config import JobConfig, SoarStage
 from soar_ray.models import SD3Model
+from soar_ray.models.sd3 import SD3_SCHEDULE_SHIFT
 
 if TYPE_CHECKING:
     from soar_ray.workers.learner import Learner
     from soar_ray.workers.rollout import RolloutWorker
-
-# SD3 and SD3.5 (Medium and Large) train on FlowMatchEulerDiscreteScheduler(shift=3.0).
-SD3_SCHEDULE_SHIFT = 3.0
 
 
 def soar_hyperparams(stage: SoarStage) -> SoarHyperParams:
