@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from soar_ray.algo.flow import Cond, make_schedule
+from soar_ray.algo.flow import Cond, Schedule, make_schedule
 from soar_ray.algo.soar import (
     SoarHyperParams,
     SoarInputs,
@@ -48,6 +48,16 @@ def encode_batch(
     return z0.to(device, torch.float32), {k: v.to(device) for k, v in cond.items()}
 
 
+def prepare_batch(
+    owner: Learner | RolloutWorker, batch: dict[str, Any], schedule: Schedule, hp: SoarHyperParams
+) -> SoarInputs:
+    """Encode a collated batch, then draws, the no-grad CFG rollout and the aux points with the
+    owner's weights, uncond and random stream (a learner colocated, a rollout worker otherwise)."""
+    z0, cond = encode_batch(owner.model, batch, owner.device)
+    return prepare_soar_inputs(owner.model.denoise, z0, cond, owner.uncond(), schedule, hp,
+                               generator=owner.generator)  # fmt: skip
+
+
 class SoarStep:
     """The SOAR training step of one learner rank."""
 
@@ -67,12 +77,7 @@ class SoarStep:
 
     def prepare(self, batch: dict[str, Any]) -> SoarInputs:
         """Draws, no-grad CFG rollout and aux points of a batch with the current weights."""
-        learner = self.learner
-        z0, cond = encode_batch(learner.model, batch, learner.device)
-        return prepare_soar_inputs(
-            learner.model.denoise, z0, cond, learner.uncond(), self.schedule, self.hp,
-            generator=learner.generator,
-        )  # fmt: skip
+        return prepare_batch(self.learner, batch, self.schedule, self.hp)
 
     def train(self, batch: dict[str, Any] | SoarInputs) -> dict[str, float]:
         """Graded forward/backward (after the own rollout for a raw batch), then at an
@@ -113,10 +118,5 @@ class SoarRollout:
     def rollout(self, batch: dict[str, Any]) -> tuple[SoarInputs, int]:
         """Encode one rank's batch, then draws, CFG rollout and aux points; with the version of
         the weights that made them (the learner then only runs the graded forward)."""
-        worker = self.worker
-        z0, cond = encode_batch(worker.model, batch, worker.device)
-        inputs = prepare_soar_inputs(
-            worker.model.denoise, z0, cond, worker.uncond(), self.schedule, self.hp,
-            generator=worker.generator,
-        )  # fmt: skip
-        return inputs.to("cpu"), worker.version
+        inputs = prepare_batch(self.worker, batch, self.schedule, self.hp)
+        return inputs.to("cpu"), self.worker.version
