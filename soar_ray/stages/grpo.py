@@ -192,10 +192,14 @@ def run_grpo_stage(ctx: StageContext, stage_index: int, start: StageStart) -> St
     """Train `job.stages[stage_index]` on the context's actors."""
     job, stage = ctx.job, ctx.job.stages[stage_index]
     prompts = load_prompts(job.data.prompts, "data.prompts")
+    eval_prompts = []
+    if stage.eval_every:
+        eval_prompts = load_prompts(job.data.eval_prompts, "data.eval_prompts")
+        eval_prompts = eval_prompts[: stage.num_eval_prompts]
     loop = StageLoop(ctx, stage_index, start, total=stage.num_epochs, unit="epoch")
     ctx.sync.push(loop.version)
     if stage.eval_every and loop.step == 0:
-        evaluate(ctx, stage_index, loop)
+        evaluate(ctx, stage_index, loop, eval_prompts)
     pending: deque[EpochRollout] = deque()
     next_epoch = loop.step + 1
     for epoch in loop:
@@ -233,7 +237,7 @@ def run_grpo_stage(ctx: StageContext, stage_index: int, start: StageStart) -> St
         postfix = {"reward": f"{metrics['reward_mean']:.4f}", "kl": f"{metrics.get('kl', 0):.2e}"}
         loop.end(metrics, postfix, render=lambda r=rollout, o=output: render_epoch(ctx, loop, r, o))
         if loop.due(stage.eval_every):
-            evaluate(ctx, stage_index, loop)
+            evaluate(ctx, stage_index, loop, eval_prompts)
     return loop.close()
 
 
@@ -280,12 +284,10 @@ def render_epoch(ctx: StageContext, loop: StageLoop, rollout: EpochRollout,
     ctx.save_grid(images, captions, f"{loop.name}-epoch", loop.step)
 
 
-def evaluate(ctx: StageContext, stage_index: int, loop: StageLoop) -> None:
-    """ODE samples (noise 0, `eval_num_sampling_steps`) of `data.eval_prompts` with the EMA
+def evaluate(ctx: StageContext, stage_index: int, loop: StageLoop, prompts: list[Prompt]) -> None:
+    """ODE samples (noise 0, `eval_num_sampling_steps`) of the evaluation prompts with the EMA
     weights where kept, scored by the stage's rewards and its evaluation-only rewards."""
     job, stage = ctx.job, ctx.job.stages[stage_index]
-    prompts = load_prompts(job.data.eval_prompts, "data.eval_prompts")
-    prompts = prompts[: stage.num_eval_prompts]
     if stage.ema.enabled and loop.step > 0:
         ctx.sync.push(loop.version, ema=True)
     weights = {name: 0.0 for name in stage.eval_rewards} | dict(stage.rewards)
