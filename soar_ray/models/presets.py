@@ -114,7 +114,7 @@ TINY = SD3Preset(
         dual_attention_layers=(0,),  # exercises SD3.5's MMDiT-X block
         qk_norm="rms_norm",
     ),
-    vae=_sd3_vae((8, 16, 16, 16), layers_per_block=1, num_groups=8),
+    vae=_sd3_vae((16, 16, 16, 16), layers_per_block=0, num_groups=1),
     text_encoder=_clip(32, num_layers=2, num_heads=2, act="quick_gelu", pad_token_id=49407),
     text_encoder_2=_clip(48, num_layers=2, num_heads=2, act="gelu", pad_token_id=0),
     text_encoder_3=_t5(384, d_model=96, d_ff=128, num_layers=2, num_heads=4, d_kv=16),
