@@ -6,18 +6,23 @@ Two tower flavours, each matching how its checkpoints are published:
 - transformers (PickScore, Aesthetic): a `CLIPModel` folder (config.json + weights) and a
   `CLIPProcessor` / `CLIPImageProcessor` folder, read with `local_files_only=True`.
 Everything runs in float32; the embeddings are L2-normalised where a reward says so.
+An open_clip reward may replace open_clip's eval transform (shortest side resized, centre crop) by
+the one its original scorer used: `pad_longest_transform` (HPSv2) or `shortest_side_transform`
+(Flow-GRPO's CLIPScore).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import open_clip
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 from transformers import CLIPModel
 
 from rewards.base import (
@@ -57,10 +62,67 @@ def l2_normalize(x_BD: torch.Tensor) -> torch.Tensor:
     return x_BD / x_BD.norm(dim=-1, keepdim=True)
 
 
+Transform = Callable[[Image.Image], torch.Tensor]
+"""An RGB PIL image -> normalised pixels [3, side, side]."""
+TransformFactory = Callable[[int, Sequence[float], Sequence[float]], Transform]
+"""(side, mean, std) -> a Transform; the model's preprocess config supplies the three."""
+
+
+def pad_longest_transform(side: int, mean: Sequence[float], std: Sequence[float]) -> Transform:
+    """HPSv2's eval transform (its open_clip fork's ResizeMaxSize): the image as a [0, 1] tensor,
+    its longest side resized to `side` on that float tensor (bicubic, antialiased), padded to a
+    square with 0 (black; the smaller half before, the larger after), then normalised."""
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        pixels_CHW = TF.to_tensor(image)
+        height, width = pixels_CHW.shape[1:]
+        scale = side / max(height, width)
+        size = [round(height * scale), round(width * scale)]
+        # HPSv2 leaves an image whose longest side is already `side` as it is; padding such an
+        # image too only matters when it is not square, where HPSv2's model could not run.
+        if size != [height, width]:
+            pixels_CHW = TF.resize(pixels_CHW, size, InterpolationMode.BICUBIC, antialias=True)
+        pad_h, pad_w = side - size[0], side - size[1]
+        padding = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]
+        return TF.normalize(TF.pad(pixels_CHW, padding, fill=0.0), list(mean), list(std))
+
+    return transform
+
+
+def shortest_side_transform(side: int, mean: Sequence[float], std: Sequence[float]) -> Transform:
+    """Flow-GRPO's ClipScorer transform: the image as a [0, 1] tensor, its shortest side resized
+    to `side` (torchvision's default bilinear, antialiased), centre-cropped square, normalised."""
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        pixels_CHW = TF.resize(
+            TF.to_tensor(image), side, InterpolationMode.BILINEAR, antialias=True
+        )
+        return TF.normalize(TF.center_crop(pixels_CHW, [side, side]), list(mean), list(std))
+
+    return transform
+
+
+def square_side(reward: str, size: int | Sequence[int]) -> int:
+    """The side of a square input size, or an error naming the reward."""
+    if isinstance(size, int):
+        return size
+    if len(size) != 2 or size[0] != size[1]:
+        raise ValueError(f"reward {reward!r}: the model's input size {size} is not square")
+    return int(size[0])
+
+
 class OpenClipTowers:
     """An open_clip model, its tokenizer and eval transform; cosine of each image-prompt pair."""
 
-    def __init__(self, *, reward: str, model_name: str, checkpoint: Path, device: str) -> None:
+    def __init__(
+        self,
+        *,
+        reward: str,
+        model_name: str,
+        checkpoint: Path,
+        device: str,
+        transform: TransformFactory | None = None,  # None: open_clip's own eval transform
+    ) -> None:
         if model_name not in open_clip.list_models():
             raise ValueError(
                 f"reward {reward!r}: model_name {model_name!r} is not an open_clip architecture "
@@ -71,8 +133,13 @@ class OpenClipTowers:
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=str(checkpoint), device=device
         )
+        if transform is not None:
+            config = open_clip.get_model_preprocess_cfg(self.model)
+            side = square_side(reward, config["size"])
+            self.preprocess = transform(side, config["mean"], config["std"])
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.logit_scale = float(self.model.logit_scale.detach().exp())
         self.device = device
 
     @torch.inference_mode()
@@ -112,13 +179,14 @@ def hf_text_embeds(
 class OpenClipCosineReward:
     """A reward computed from the open_clip image-prompt cosine of one checkpoint file.
 
-    Subclasses set `name`, `CHECKPOINT_FORMAT`, `CHECKPOINT_SOURCE` and turn the cosine into the
-    reward in `from_cosine`.
+    Subclasses set `name`, `checkpoint_format`, `checkpoint_source`, optionally `transform` (the
+    scorer's own image transform) and turn the cosine into the reward in `from_cosine`.
     """
 
     name: str
-    CHECKPOINT_FORMAT: str
-    CHECKPOINT_SOURCE: str
+    checkpoint_format: str
+    checkpoint_source: str
+    transform: TransformFactory | None = None
 
     def __init__(
         self,
@@ -130,11 +198,12 @@ class OpenClipCosineReward:
         check_batch_size(self.name, batch_size)
         path = require_path(
             checkpoint, reward=self.name, option="checkpoint",
-            expected=self.CHECKPOINT_FORMAT, source=self.CHECKPOINT_SOURCE,
+            expected=self.checkpoint_format, source=self.checkpoint_source,
         )  # fmt: skip
         self.towers = OpenClipTowers(
-            reward=self.name, model_name=model_name, checkpoint=path, device=resolve_device(device)
-        )
+            reward=self.name, model_name=model_name, checkpoint=path,
+            device=resolve_device(device), transform=self.transform,
+        )  # fmt: skip
         self.batch_size = batch_size
 
     def score(

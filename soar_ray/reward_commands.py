@@ -41,7 +41,7 @@ IMAGE_NAME = re.compile(r"^(\d+)(?:[_-].*)?$")
 CHECKPOINT_OPTIONS = (
     "checkpoint", "model_path", "processor_path", "clip_path", "predictor_path", "med_config",
     "tokenizer_path", "yolo_cfg", "yolo_weights", "mmdet_config", "mmdet_checkpoint",
-    "clip_checkpoint",
+    "clip_checkpoint", "model_dir",
 )  # fmt: skip
 PROBE_PROMPT = 'a stop sign that says "SOAR"'
 # One metadata row every reward accepts: an OCR target and a GenEval row.

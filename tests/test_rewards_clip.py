@@ -1,4 +1,5 @@
-"""PickScore, HPSv2.1, CLIPScore and Aesthetic on tiny random models saved in the real formats."""
+"""PickScore, HPSv2.1, CLIPScore and Aesthetic on tiny random models saved in the real formats;
+the image transforms of HPSv2 and Flow-GRPO's CLIPScore against tensors built by hand."""
 
 import json
 import math
@@ -8,16 +9,21 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 import rewards
 from rewards.aesthetic import LaionMLP
 from rewards.base import MissingCheckpointError, to_pil
+from rewards.clip_common import pad_longest_transform, shortest_side_transform
+from rewards.clipscore import flow_grpo_clipscore, hessel_clipscore
 from soar_ray.models.tokenizers import clip_l_tokenizer
 
 OPEN_CLIP_NAME = "soar-test-tiny-clip"  # a tiny ViT CLIP registered in open_clip's model registry
 PROMPTS = ["a photo of a cat", "a red stop sign", 'a sign that says "SOAR"']
+MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)  # the tiny model's (default) mean
+STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
 
 
 def _images() -> list:
@@ -128,15 +134,41 @@ def aesthetic_files(tmp_path_factory):
     return folder, model, mlp_state
 
 
-def _open_clip_cosines(open_clip_model, images, prompts) -> np.ndarray:
-    """cos of open_clip's normalised embeddings, pair by pair, from the in-memory model."""
-    model, preprocess = open_clip_model
+def _open_clip_cosines(open_clip_model, images, prompts, preprocess=None) -> np.ndarray:
+    """cos of open_clip's normalised embeddings, pair by pair, from the in-memory model (its own
+    eval transform unless `preprocess` is given)."""
+    model, default_preprocess = open_clip_model
+    preprocess = preprocess or default_preprocess
     tokenizer = open_clip.get_tokenizer(OPEN_CLIP_NAME)
     with torch.no_grad():
         pixels = torch.stack([preprocess(to_pil(image)) for image in images])
         image = _unit(model.encode_image(pixels))
         text = _unit(model.encode_text(tokenizer(prompts)))
     return (image * text).sum(-1).double().numpy()
+
+
+def _hand_padded(image: Image.Image) -> torch.Tensor:
+    """HPSv2's transform to 32 px, sizes by hand: [0, 1] tensor, longest side to 32, black pad."""
+    pixels = TF.to_tensor(image)
+    canvas = torch.zeros(3, 32, 32)  # black, before normalisation
+    if image.size == (48, 40):  # W x H: 40 * 32 / 48 = 26.67 -> 27 rows, 5 padding rows: 2 + 3
+        resized = TF.resize(pixels, [27, 32], TF.InterpolationMode.BICUBIC, antialias=True)
+        canvas[:, 2:29, :] = resized
+    elif image.size == (20, 32):  # longest side already 32: no resize, 12 columns: 6 + 6
+        canvas[:, :, 6:26] = pixels
+    else:  # square 36: resized, no padding
+        canvas = TF.resize(pixels, [32, 32], TF.InterpolationMode.BICUBIC, antialias=True)
+    return (canvas - MEAN) / STD
+
+
+def _hand_cropped(image: Image.Image) -> torch.Tensor:
+    """Flow-GRPO's CLIP transform to 32 px for a 48 x 40 (W x H) image, sizes by hand: shortest
+    side 40 -> 32, longest int(32 * 48 / 40) = 38, bilinear; columns 3-34 (round(6 / 2) = 3)."""
+    assert image.size == (48, 40)
+    resized = TF.resize(
+        TF.to_tensor(image), [32, 38], TF.InterpolationMode.BILINEAR, antialias=True
+    )
+    return (resized[:, :, 3:35] - MEAN) / STD
 
 
 def _check_scores(reward, images, prompts) -> np.ndarray:
@@ -150,15 +182,32 @@ def _check_scores(reward, images, prompts) -> np.ndarray:
     return out.scores
 
 
+def test_hpsv2_pads_the_longest_side_to_a_square() -> None:
+    rng = np.random.default_rng(1)
+    wide = Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8))
+    tall = Image.fromarray(rng.integers(0, 256, size=(32, 20, 3), dtype=np.uint8))
+    square = Image.fromarray(rng.integers(0, 256, size=(36, 36, 3), dtype=np.uint8))
+    transform = pad_longest_transform(
+        32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    )
+    for image in (wide, tall, square):
+        torch.testing.assert_close(transform(image), _hand_padded(image), rtol=0, atol=1e-6)
+    # The two padding rows above the wide image are black: (0 - mean) / std in every pixel.
+    black = (-MEAN / STD).expand(3, 2, 32)
+    torch.testing.assert_close(transform(wide)[:, :2], black, rtol=0, atol=1e-6)
+    assert not torch.allclose(transform(wide)[:, 2], black[:, 0])  # row 2 is the image
+
+
 def test_hpsv2_is_the_cosine_of_the_normalised_embeddings(open_clip_model, hps_checkpoint):
     reward = rewards.load(
         "hpsv2", checkpoint=hps_checkpoint, model_name=OPEN_CLIP_NAME, device="cpu", batch_size=3
     )
     images = _images()
     scores = _check_scores(reward, images, PROMPTS)
-    np.testing.assert_allclose(
-        scores, _open_clip_cosines(open_clip_model, images, PROMPTS), atol=1e-5
-    )
+    expected = _open_clip_cosines(open_clip_model, images, PROMPTS, preprocess=_hand_padded)
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    # open_clip's centre crop drops the wide images' sides: a different score.
+    assert not np.allclose(scores[:2], _open_clip_cosines(open_clip_model, images, PROMPTS)[:2])
     assert np.all(np.abs(scores) <= 1.0)
 
 
@@ -178,6 +227,48 @@ def test_clipscore_is_2_5_times_the_clipped_cosine(open_clip_model, clipscore_ch
     np.testing.assert_allclose(flipped_out.scores, 2.5 * np.maximum(-cosine, 0.0), atol=1e-5)
     assert np.all((out.scores == 0) != (flipped_out.scores == 0))
     _check_scores(flipped, images, PROMPTS)
+
+
+def test_clipscore_formulas_hand_computed() -> None:
+    cosine = np.array([0.3, -0.15, 0.0, 0.27])
+    np.testing.assert_allclose(hessel_clipscore(cosine), [0.75, 0.0, 0.0, 0.675])
+    # Flow-GRPO: exp(logit_scale) * cos / 30, with OpenAI CLIP's exp(logit_scale) = 100.
+    np.testing.assert_allclose(flow_grpo_clipscore(cosine, 100.0), [1.0, -0.5, 0.0, 0.9])
+    np.testing.assert_allclose(flow_grpo_clipscore(cosine, 15.0), [0.15, -0.075, 0.0, 0.135])
+
+
+def test_clipscore_flow_grpo_variant(open_clip_model, clipscore_checkpoints):
+    plain, _ = clipscore_checkpoints
+    reward = rewards.load(
+        "clipscore", checkpoint=plain, model_name=OPEN_CLIP_NAME, variant="flow_grpo", device="cpu"
+    )
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    transform = reward.towers.preprocess
+    assert torch.equal(transform(to_pil(images[0])), _hand_cropped(to_pil(images[0])))
+    out = reward.score(images, PROMPTS)
+    cosine = _open_clip_cosines(open_clip_model, images, PROMPTS, preprocess=_hand_cropped)
+    np.testing.assert_allclose(out.components["clip_cosine"], cosine, atol=1e-5)
+    logit_scale = float(open_clip_model[0].logit_scale.detach().exp())  # 1 / 0.07, open_clip's init
+    assert math.isclose(logit_scale, 1 / 0.07, rel_tol=1e-6)
+    np.testing.assert_allclose(out.scores, logit_scale * cosine / 30, atol=1e-5)
+    assert (out.scores < 0).any()  # no clipping at 0, unlike CLIPScore's eq. 1
+    with pytest.raises(ValueError, match="variant must be one of"):
+        rewards.load("clipscore", checkpoint=plain, variant="paper")
+    with pytest.raises(MissingCheckpointError, match="timm/vit_large_patch14_clip_224.openai"):
+        rewards.load("clipscore", variant="flow_grpo")
+
+
+def test_shortest_side_transform_of_a_tall_image() -> None:
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    transform = shortest_side_transform(
+        32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    )
+    # Shortest side 40 -> 32, longest int(32 * 50 / 40) = 40 rows; rows 4-35 (round(8 / 2) = 4).
+    resized = TF.resize(
+        TF.to_tensor(image), [40, 32], TF.InterpolationMode.BILINEAR, antialias=True
+    )
+    torch.testing.assert_close(transform(image), (resized[:, 4:36] - MEAN) / STD, rtol=0, atol=0)
 
 
 def test_pickscore_is_logit_scale_times_cosine(pickscore_folder):

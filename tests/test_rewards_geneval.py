@@ -1,5 +1,7 @@
-"""GenEval: the rules on hand-built detections for every tag, pixel colours, the yolov3-tiny
-backend on a real image, the CLIP colour path on a tiny open_clip model, the mmdet backend."""
+"""GenEval: the rules on hand-built detections for every tag, Flow-GRPO's partial credit on the
+same detections against numbers worked out by hand from its reward server, pixel colours, the
+yolov3-tiny backend on a real image, the CLIP colour path on a tiny open_clip model, the mmdet
+backend."""
 
 import importlib.util
 import json
@@ -12,9 +14,10 @@ from PIL import Image
 
 import rewards
 from rewards.base import MissingCheckpointError
-from rewards.geneval import GenEvalResult, GenEvalReward, summarize
+from rewards.geneval import GenEvalResult, GenEvalReward, memoized_colors, summarize
 from rewards.geneval.color import PixelColorClassifier, pixel_colors
-from rewards.geneval.detectors import CLASSES, Detection, YoloDetector
+from rewards.geneval.detectors import CLASSES, Detection, YoloDetector, missing_weights
+from rewards.geneval.partial_credit import PartialCredit, count_credit, evaluate_partial
 from rewards.geneval.rules import (
     COLORS,
     TAGS,
@@ -57,6 +60,12 @@ def judge(row: dict, detections: list[Detection], colors=no_colors) -> RuleResul
     """The rules on hand-built detections, with GenEval's default thresholds."""
     spec = parse_spec(row, row["prompt"])
     return evaluate(spec, select_objects(detections, spec.tag, Thresholds()), colors)
+
+
+def credit(row: dict, detections: list[Detection], colors=no_colors) -> PartialCredit:
+    """Flow-GRPO's partial credit on hand-built detections, GenEval's default thresholds."""
+    spec = parse_spec(row, row["prompt"])
+    return evaluate_partial(spec, select_objects(detections, spec.tag, Thresholds()), colors)
 
 
 def two_patches() -> np.ndarray:
@@ -215,6 +224,98 @@ def test_pixel_classifier_uses_the_mask_when_there_is_one() -> None:
     assert PixelColorClassifier()(two_patches(), "cup", [whole]) == ["blue"]
 
 
+# ---- Flow-GRPO's partial credit (reward_mode "flow_grpo") ---------------------------------------
+
+
+def glasses(n: int, score: float = 0.95) -> list[Detection]:
+    return [det("wine glass", (20 * i, 0, 20 * i + 9, 9), score) for i in range(n)]
+
+
+def test_count_credit_hand_computed() -> None:
+    assert count_credit(2, 2) == 1.0
+    assert count_credit(2, 3) == 0.5 and count_credit(2, 1) == 0.5
+    assert count_credit(4, 1) == 0.25
+    assert count_credit(1, 3) == -1.0  # 1 - |1 - 3| / 1: below 0 past twice the count
+
+
+def test_partial_counting_is_exact_over_all_kept_objects() -> None:
+    row = meta("counting", clause("wine glass", 2), exclude=(clause("wine glass", 3),))
+    assert credit(row, glasses(2)) == PartialCredit((1.0,), True, ())
+    three = credit(row, glasses(3))  # 1 - |2 - 3| / 2; GenEval: include met, exclude failed
+    assert (three.credits, three.strict) == ((0.5,), False)
+    assert three.reasons == ("expected wine glass==2, found 3",)
+    assert credit(row, glasses(5)).score == -0.5  # 1 - 3 / 2
+    assert credit(row, glasses(1)).score == 0.5
+    # Glasses at 0.5 fall below the counting threshold 0.9, as in GenEval.
+    assert credit(row, glasses(2) + glasses(2, 0.5)).score == 1.0
+
+
+def test_partial_ignores_exclude_and_punishes_extra_objects() -> None:
+    bowl, cup = det("bowl", (0, 0, 9, 9)), det("cup", (20, 0, 29, 9))
+    row = meta("single_object", clause("bowl"), exclude=(clause("cup"),))
+    assert credit(row, [bowl, cup]) == PartialCredit((1.0,), True, ())
+    assert judge(row, [bowl, cup]).accuracy == 0.5  # GenEval counts the exclude clause
+    three = [bowl, det("bowl", (40, 0, 49, 9)), det("bowl", (60, 0, 69, 9))]
+    assert credit(meta("single_object", clause("bowl")), three).score == -1.0  # 1 - 2 / 1
+    two = meta("two_object", clause("bowl"), clause("skis"))
+    assert credit(two, [bowl]).credits == (1.0, 0.0)
+
+
+def test_partial_colours_of_the_counted_objects() -> None:
+    row = meta("colors", clause("cup", color="red"))
+    colors = partial(PixelColorClassifier(), two_patches())
+    assert credit(row, [det("cup", LEFT_BOX)], colors).credits == (1.0, 1.0)
+    blue = credit(row, [det("cup", RIGHT_BOX)], colors)
+    assert (blue.credits, blue.strict) == ((1.0, 0.0), False)
+    assert credit(row, [], colors).credits == (0.0, 0.0)  # no cup: the colour scores 0 unseen
+    # Two cups for one: 1 - |1 - 2| / 1 = 0 and the colour 0, though the best cup is red.
+    both = [det("cup", LEFT_BOX, 0.9), det("cup", RIGHT_BOX, 0.8)]
+    assert credit(row, both, colors).credits == (0.0, 0.0)
+    assert judge(row, both, colors).strict  # GenEval checks the most confident cup only
+
+
+def test_partial_color_attr() -> None:
+    row = meta("color_attr", clause("handbag", color="red"), clause("scissors", color="blue"))
+    colors = partial(PixelColorClassifier(), two_patches())
+    right = [det("handbag", LEFT_BOX), det("scissors", RIGHT_BOX)]
+    assert credit(row, right, colors).credits == (1.0, 1.0, 1.0, 1.0)
+    swapped = [det("handbag", RIGHT_BOX), det("scissors", LEFT_BOX)]
+    assert credit(row, swapped, colors).credits == (1.0, 0.0, 1.0, 0.0)
+    assert credit(row, right[:1], colors).credits == (1.0, 1.0, 0.0, 0.0)
+
+
+def test_partial_position_credits_a_failed_relation_0_and_1() -> None:
+    row = meta("position", clause("laptop"), clause("cow", position=["right of", 0]))
+    laptop, cow = det("laptop", (0, 40, 20, 60)), det("cow", (80, 40, 100, 60))
+    assert credit(row, [laptop, cow]) == PartialCredit((1.0, 1.0, 1.0), True, ())
+    # Wrong side: the server appends 0 for the relation, then 1 after its loop: 3 / 4.
+    wrong = credit(row, [det("laptop", cow.box), det("cow", laptop.box)])
+    assert (wrong.credits, wrong.score, wrong.strict) == ((1.0, 1.0, 0.0, 1.0), 0.75, False)
+    assert judge(row, [det("laptop", cow.box), det("cow", laptop.box)]).accuracy == 2 / 3
+    # No laptop: its clause 0; the cow is counted (1), its target failed (0).
+    alone = credit(row, [cow])
+    assert (
+        alone.credits == (0.0, 1.0, 0.0) and alone.reasons[-1] == "no target for cow to be right of"
+    )
+    # Two cows for one: 1 - 1 / 1 = 0, and 0 for the relation, not checked.
+    cows = [cow, det("cow", (80, 0, 100, 20))]
+    assert credit(row, [laptop, *cows]).credits == (1.0, 0.0, 0.0)
+
+
+def test_colour_calls_are_shared_between_the_rule_sets() -> None:
+    calls = []
+
+    def classify(image: np.ndarray, cls: str, objects) -> list[str]:
+        calls.append((cls, len(objects)))
+        return ["red"] * len(objects)
+
+    colors = memoized_colors(two_patches(), classify)
+    cups = [det("cup", LEFT_BOX)]
+    assert colors("cup", cups) == ["red"] and colors("cup", list(cups)) == ["red"]
+    assert colors("cup", [det("cup", RIGHT_BOX)]) == ["red"]  # other objects: asked again
+    assert calls == [("cup", 1), ("cup", 1)]
+
+
 # ---- the yolov3-tiny backend and the whole reward ----------------------------------------------
 
 
@@ -252,11 +353,22 @@ def test_geneval_reward_scores_real_detections(yolo_reward: GenEvalReward) -> No
     np.testing.assert_array_equal(yolo_reward.score(images, prompts, rows).scores, out.scores)
     with pytest.raises(ValueError, match="'a stop sign' has no GenEval metadata"):
         yolo_reward.score(images[:1], ["a stop sign"])
+    # Flow-GRPO's partial credit on the same single sign: the green sign 1 and 0, the missing bus
+    # 1 - |1 - 0| / 1 = 0; GenEval's components stay as they were.
+    flow = rewards.load("geneval", reward_mode="flow_grpo").score(images, prompts, rows)
+    np.testing.assert_array_equal(flow.scores, [1.0, 1.0, 0.5, 0.5])
+    np.testing.assert_array_equal(flow.components["geneval_partial"], flow.scores)
+    np.testing.assert_array_equal(flow.components["geneval_exact"], [1.0, 1.0, 0.0, 0.0])
+    for name in ("geneval_accuracy", "geneval_strict"):
+        np.testing.assert_array_equal(flow.components[name], out.components[name])
+    assert set(out.components) == {"geneval_accuracy", "geneval_strict"}
 
 
 def test_geneval_options_are_checked() -> None:
     with pytest.raises(ValueError, match="detector must be one of"):
         rewards.load("geneval", detector="detr")
+    with pytest.raises(ValueError, match="reward_mode must be one of"):
+        rewards.load("geneval", reward_mode="partial")
     with pytest.raises(ValueError, match="unknown option"):
         rewards.load("geneval", threshold=0.5)
     with pytest.raises(MissingCheckpointError, match="clip_checkpoint.*timm/vit_large_patch14"):
@@ -323,3 +435,17 @@ def test_mmdet_mask2former_random_weights(tmp_path: Path) -> None:
     row = meta("single_object", clause("cup"))
     out = reward.score([two_patches()], [row["prompt"]], [row])
     assert out.scores.shape == (1,) and np.isfinite(out.scores).all()
+    # The transformer weights under other names, as in an mmdet 2 file: mmengine would only warn.
+    renamed = {key.replace(".cross_attn.", ".attentions.1."): value
+               for key, value in model.state_dict().items()}  # fmt: skip
+    legacy = tmp_path / "mask2former_mmdet2.pth"
+    torch.save({"state_dict": renamed, "meta": meta_data}, legacy)
+    with pytest.raises(ValueError, match="lacks .* weights.*c9d0c4f2"):
+        rewards.load("geneval", detector="mmdet", mmdet_checkpoint=str(legacy), device="cpu")
+
+
+def test_missing_weights_lists_what_the_checkpoint_lacks() -> None:
+    model = {"backbone.w": 1, "head.cross_attn.w": 2, "head.ffn.w": 3}
+    saved = {"backbone.w": 1, "head.attentions.1.w": 2, "head.ffn.w": 3, "extra": 4}
+    assert missing_weights(model, saved) == ["head.cross_attn.w"]
+    assert missing_weights(model, {**saved, "head.cross_attn.w": 2}) == []

@@ -35,6 +35,7 @@ def test_weighted_sum_keeps_every_component() -> None:
     assert set(out.components) == {
         "ocr",
         "ocr_exact",
+        "ocr_error",
         "geneval",
         "geneval_accuracy",
         "geneval_strict",

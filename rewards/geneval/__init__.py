@@ -1,4 +1,4 @@
-"""GenEval reward (SPEC §5): detector -> kept objects -> GenEval rules -> fraction satisfied.
+"""GenEval reward (SPEC §5): detector -> kept objects -> GenEval rules -> a score per image.
 
     reward = rewards.load("geneval")                          # yolov3-tiny, pixel colours
     reward = rewards.load("geneval", detector="mmdet", mmdet_checkpoint=".../mask2former...pth",
@@ -6,15 +6,24 @@
     out = reward.score(images, prompts, metadata)             # metadata: GenEval rows
     summarize(reward.evaluate(images, prompts, metadata))     # per-tag accuracy, overall
 
-Components: geneval_accuracy (fraction of requirements satisfied, the score) and geneval_strict
-(all satisfied: GenEval's `correct`).
+`reward_mode` picks the score:
+- "geneval" (default): the fraction of GenEval's requirements the image satisfies (each include
+  clause's count, colour and position, each exclude clause; rules.py). An image scores 1 exactly
+  when GenEval judges it correct; the fraction gives partial credit in between.
+- "flow_grpo": the partial credit of Flow-GRPO's GenEval reward server (partial_credit.py: exact
+  counts over all kept objects, may go below 0), what Flow-GRPO trains on. Images reach the rules
+  as RGB; the server, which gets JPEG (quality 75) copies and hands mmdet RGB arrays that mmdet
+  reads as BGR, is not followed in that.
+
+Components, in both modes: geneval_accuracy (the fraction satisfied) and geneval_strict (all
+satisfied: GenEval's `correct`); with "flow_grpo" also geneval_partial (the score) and
+geneval_exact (the server's `strict_correct`: every clause met with exact counts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +40,46 @@ from rewards.base import (
 )
 from rewards.geneval.color import ClipColorClassifier, PixelColorClassifier
 from rewards.geneval.detectors import Detection, Detector, MMDetDetector, YoloDetector
-from rewards.geneval.rules import TAGS, RuleResult, Thresholds, evaluate, parse_spec, select_objects
+from rewards.geneval.partial_credit import PartialCredit, evaluate_partial
+from rewards.geneval.rules import (
+    TAGS,
+    ColorFn,
+    RuleResult,
+    Thresholds,
+    evaluate,
+    parse_spec,
+    select_objects,
+)
 
 DETECTORS = ("yolo", "mmdet")
+REWARD_MODES = ("geneval", "flow_grpo")
 
 
 @dataclass(frozen=True)
 class GenEvalResult:
-    """One image's verdict: the prompt's tag, the rule result and the objects it was judged on."""
+    """One image's verdict: the prompt's tag, the rule result and the objects it was judged on,
+    and with reward_mode "flow_grpo" the server's partial credit."""
 
     prompt: str
     tag: str
     rules: RuleResult
     objects: dict[str, list[Detection]]
+    partial: PartialCredit | None = None
+
+
+def memoized_colors(
+    image: np.ndarray, classify: Callable[[np.ndarray, str, Sequence[Detection]], list[str]]
+) -> ColorFn:
+    """`classify` on one image, each (class, objects) asked once: both rule sets share the calls."""
+    seen: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+
+    def colors(cls: str, objects: Sequence[Detection]) -> list[str]:
+        key = (cls, tuple(id(obj) for obj in objects))  # the objects live as long as `seen`
+        if key not in seen:
+            seen[key] = classify(image, cls, objects)
+        return seen[key]
+
+    return colors
 
 
 class GenEvalReward:
@@ -67,9 +103,15 @@ class GenEvalReward:
         max_objects: int = 16,  # per class
         nms_threshold: float = 1.0,  # GenEval's extra NMS; 1 = off
         position_threshold: float = 0.1,  # relative-position tolerance
+        reward_mode: str = "geneval",  # the score: "geneval" (fraction met) or "flow_grpo"
     ) -> None:
         if detector not in DETECTORS:
             raise ValueError(f"geneval: detector must be one of {DETECTORS}, got {detector!r}")
+        if reward_mode not in REWARD_MODES:
+            raise ValueError(
+                f"geneval: reward_mode must be one of {REWARD_MODES}, got {reward_mode!r}"
+            )
+        self.reward_mode = reward_mode
         check_batch_size("geneval", batch_size)
         self.thresholds = Thresholds(
             score_threshold, counting_threshold, max_objects, nms_threshold, position_threshold
@@ -101,9 +143,14 @@ class GenEvalReward:
             arrays = [to_uint8(images[i]) for i in chunk]
             for i, array, detections in zip(chunk, arrays, self.detector.detect(arrays)):
                 objects = select_objects(detections, specs[i].tag, self.thresholds)
-                colors = partial(self.colors, array)
+                colors = memoized_colors(array, self.colors)
                 verdict = evaluate(specs[i], objects, colors, self.thresholds.position)
-                results.append(GenEvalResult(prompts[i], specs[i].tag, verdict, objects))
+                credit = (
+                    evaluate_partial(specs[i], objects, colors, self.thresholds.position)
+                    if self.reward_mode == "flow_grpo"
+                    else None
+                )
+                results.append(GenEvalResult(prompts[i], specs[i].tag, verdict, objects, credit))
         return results
 
     def score(
@@ -112,11 +159,19 @@ class GenEvalReward:
         prompts: Sequence[str],
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> RewardOutput:
-        """Fraction of GenEval requirements satisfied per image, plus strict accuracy."""
+        """The reward_mode's score per image, with GenEval's accuracy and strict verdict."""
         results = self.evaluate(images, prompts, metadata)
         accuracy = np.array([r.rules.accuracy for r in results], dtype=np.float64)
         strict = np.array([r.rules.strict for r in results], dtype=np.float64)
-        return RewardOutput(accuracy, {"geneval_accuracy": accuracy, "geneval_strict": strict})
+        components = {"geneval_accuracy": accuracy, "geneval_strict": strict}
+        if self.reward_mode == "geneval":
+            return RewardOutput(accuracy, components)
+        credits = [r.partial for r in results if r.partial is not None]
+        partial = np.array([c.score for c in credits], dtype=np.float64)
+        exact = np.array([c.strict for c in credits], dtype=np.float64)
+        return RewardOutput(
+            partial, {**components, "geneval_partial": partial, "geneval_exact": exact}
+        )
 
 
 def summarize(results: Sequence[GenEvalResult]) -> dict[str, float]:

