@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "imagereward": "rewards.imagereward:ImageReward",
     "ocr": "rewards.ocr:OcrReward",
     "geneval": "rewards.geneval:GenEvalReward",
+    "shapes_geneval": "rewards.shapes_geneval:ShapesGenEval",
     "jpeg_compressibility": "rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "rewards.jpeg:JpegIncompressibility",
     "multi": "rewards.multi:MultiReward",

@@ -30,7 +30,7 @@ DEFAULT_SAMPLE_PROMPTS = (
 # Rewards whose models ship with their Python package (rapidocr, the OpenCV COCO detector) run
 # without options; every other reward needs local checkpoint paths under `rewards`.
 OPTION_FREE_REWARDS = frozenset(
-    {"ocr", "geneval", "jpeg_compressibility", "jpeg_incompressibility"}
+    {"ocr", "geneval", "shapes_geneval", "jpeg_compressibility", "jpeg_incompressibility"}
 )
 
 
