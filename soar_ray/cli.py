@@ -1,4 +1,4 @@
-"""`soar-ray run | prepare | config | rewards`: the command line of soar_ray."""
+"""`soar-ray run | prepare | config | eval | rewards`: the command line of soar_ray."""
 
 from __future__ import annotations
 
@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--batch-size", type=int, default=16, help="images per encode batch")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     add("config", cmd_config, "print the resolved config")
+    from soar_ray.eval.command import add_eval_command
     from soar_ray.reward_commands import add_reward_commands
 
+    add_eval_command(commands)
     add_reward_commands(commands)
     return parser
 

@@ -106,12 +106,16 @@ def configured_rewards(job: JobConfig) -> list[str]:
 def describe_backend(name: str, config: RewardConfig) -> str:
     """The model family behind a reward and the device it asks for."""
     options = config.options
+    from rewards.clipscore import VARIANTS  # light: open_clip loads when a model is built
+
+    variant = options.get("variant", "hessel")
+    clip_default = VARIANTS[variant][0] if variant in VARIANTS else f"(unknown variant {variant!r})"
     backends = {
-        "ocr": "rapidocr PP-OCR (onnxruntime)",
+        "ocr": f"rapidocr PP-OCR (onnxruntime), engine {options.get('engine', 'shipped')}",
         "geneval": "mmdet Mask2Former" if options.get("detector") == "mmdet" else "yolov3-tiny",
         "pickscore": "transformers CLIP-H",
         "hpsv2": f"open_clip {options.get('model_name', 'ViT-H-14')}",
-        "clipscore": f"open_clip {options.get('model_name', 'ViT-H-14')}",
+        "clipscore": f"open_clip {options.get('model_name', clip_default)}",
         "aesthetic": "transformers CLIP-L/14 + MLP",
         "imagereward": "BLIP",
     }

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from soar_ray.algo.flow import guided_velocity
 from soar_ray.algo.grpo import sde_step_with_logprob
 from soar_ray.build import build_sd3
+from soar_ray.cluster.rewards import merge_outputs
 from soar_ray.config import load_job
 from soar_ray.stages.grpo import (
     epoch_prompts,
     load_prompts,
-    merge_outputs,
     plan_epoch,
     sample_epoch,
 )

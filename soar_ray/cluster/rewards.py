@@ -196,6 +196,19 @@ def combine(
     return PoolOutput(np.asarray(total, dtype=np.float64), components, indices, seconds)
 
 
+def merge_outputs(outputs: list[PoolOutput]) -> PoolOutput:
+    """One PoolOutput of consecutive batches."""
+    offsets = np.cumsum([0] + [len(o.scores) for o in outputs])
+    names = outputs[0].components
+    return PoolOutput(
+        np.concatenate([o.scores for o in outputs]),
+        {k: np.concatenate([o.components[k] for o in outputs]) for k in names},
+        {k: np.concatenate([o.dropped[k] + off for o, off in zip(outputs, offsets)])
+         for k in outputs[0].dropped},
+        {k: sum(o.seconds[k] for o in outputs) for k in outputs[0].seconds},
+    )  # fmt: skip
+
+
 class RewardHandle:
     """Scores in flight for one batch; `result()` waits for them."""
 

@@ -45,6 +45,7 @@ from soar_ray.config.schema import (
     RewardActorsConfig,
     RewardConfig,
     SyntheticDataConfig,
+    check_reward,
 )
 from soar_ray.config.stages import (
     SPEC_LORA_TARGETS,
@@ -64,6 +65,7 @@ from soar_ray.config.stages import (
 __all__ = [
     "DEFAULT_SAMPLE_PROMPTS",
     "OPTION_FREE_REWARDS",
+    "check_reward",
     "SPEC_LORA_TARGETS",
     "STAGE_TYPES",
     "CheckpointConfig",

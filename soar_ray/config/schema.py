@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -69,8 +70,8 @@ class PromptsConfig(Section):
 
     path: str
     """Prompt file."""
-    kind: Literal["text", "ocr", "geneval"] = "text"
-    """`text`: a prompt a line; `ocr`: each with one "quoted" target; `geneval`: metadata JSONL."""
+    kind: Literal["text", "ocr", "geneval", "drawbench"] = "text"
+    """`text` a prompt a line; `ocr` one "quoted" target each; `geneval` JSONL; `drawbench` CSV."""
 
 
 class DataConfig(Section):
@@ -230,6 +231,19 @@ class RewardConfig(Section):
     """A scoring exception or NaN is an error naming reward and prompt, or drops the sample."""
 
 
+def check_reward(configured: Mapping[str, Any], field: str, reward: str) -> None:
+    """`reward` is registered and, unless it needs no options, has a `rewards.<name>` entry."""
+    import rewards as registry  # the names only; no reward model is imported
+
+    if reward not in registry.REGISTRY:
+        raise ValueError(f"{field}: unknown reward {reward!r}; known: {registry.names()}")
+    if reward not in configured and reward not in OPTION_FREE_REWARDS:
+        raise ValueError(
+            f"{field}: {reward!r} is not configured; add rewards.{reward}.options "
+            f"(only {sorted(OPTION_FREE_REWARDS)} run without options)"
+        )
+
+
 class JobConfig(Section):
     """A whole job: model, data, stages and where they run."""
 
@@ -314,8 +328,6 @@ class JobConfig(Section):
                 )
 
     def _check_grpo_stage(self, i: int, stage: GrpoStage) -> None:
-        import rewards as registry  # the names only; no reward model is imported
-
         if self.data.prompts is None:
             raise ValueError(f"data.prompts: must be set: stage {i} is a grpo stage")
         if self.cluster.num_rollout_workers < 1:
@@ -326,13 +338,7 @@ class JobConfig(Section):
         fields = [(f"stages.{i}.rewards.{r}", r) for r in stage.rewards]
         fields += [(f"stages.{i}.eval_rewards.{k}", r) for k, r in enumerate(stage.eval_rewards)]
         for field, reward in fields:
-            if reward not in registry.REGISTRY:
-                raise ValueError(f"{field}: unknown reward {reward!r}; known: {registry.names()}")
-            if reward not in self.rewards and reward not in OPTION_FREE_REWARDS:
-                raise ValueError(
-                    f"{field}: {reward!r} is not configured; add rewards.{reward}.options "
-                    f"(only {sorted(OPTION_FREE_REWARDS)} run without options)"
-                )
+            check_reward(self.rewards, field, reward)
         if stage.eval_every and self.data.eval_prompts is None:
             raise ValueError(
                 f"data.eval_prompts: must be set: stage {i} evaluates every "

@@ -7,10 +7,13 @@
 - geneval: GenEval metadata JSONL, one row `{"tag", "include": [{"class", "count", "color"?,
   "position"?: [relation, index of an earlier include]}], "exclude"?: [{"class", "count"}],
   "prompt"}`; the whole row is the prompt's metadata, as the GenEval scorer needs it.
+- drawbench: DrawBench's CSV, a header line with a `Prompts` column (and `Category`, kept as
+  metadata {"category": ...}), then a prompt a row.
 Every bad line is a ValueError naming the file and the 1-based line; a set with no prompt is an
 error too.
 """
 
+import csv
 import json
 import re
 from collections.abc import Callable
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PROMPT_KINDS = ("text", "ocr", "geneval")
+PROMPT_KINDS = ("text", "ocr", "geneval", "drawbench")
 GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -128,10 +131,34 @@ def load_geneval_prompts(path: str | Path) -> list[Prompt]:
     return _non_empty(path, prompts)
 
 
+def load_drawbench_prompts(path: str | Path) -> list[Prompt]:
+    """DrawBench's CSV: the `Prompts` column, each row's `Category` kept as metadata."""
+    path = Path(path)
+    lines = [(line_no, line) for line_no, line in _read_lines(path) if line.strip()]
+    rows = list(csv.reader([line.lstrip("\ufeff") for _, line in lines]))
+    header = [name.strip() for name in rows[0]] if rows else []
+    if "Prompts" not in header:
+        raise ValueError(f"{path}:1: a DrawBench CSV starts with a header naming a Prompts column")
+    column = header.index("Prompts")
+    category = header.index("Category") if "Category" in header else None
+    prompts = []
+    for (line_no, _), row in zip(lines[1:], rows[1:]):
+        text = row[column].strip() if column < len(row) else ""
+        if not text:
+            raise ValueError(f"{path}:{line_no}: no prompt in the Prompts column")
+        if match := _CONTROL_CHARS.search(text):
+            raise ValueError(f"{path}:{line_no}: control character {match.group()!r} in prompt")
+        has_category = category is not None and category < len(row)
+        metadata = {"category": row[category].strip()} if has_category else {}
+        prompts.append(Prompt(text, f"{path}:{line_no}", metadata))
+    return _non_empty(path, prompts)
+
+
 _LOADERS: dict[str, Callable[[str | Path], list[Prompt]]] = {
     "text": load_text_prompts,
     "ocr": load_ocr_prompts,
     "geneval": load_geneval_prompts,
+    "drawbench": load_drawbench_prompts,
 }
 
 

@@ -137,7 +137,7 @@ class StageContext:
         kwargs = {
             "height": self.job.model.resolution, "width": self.job.model.resolution,
             "num_steps": cfg.num_sample_steps, "guidance": cfg.sample_cfg_scale,
-            "seed": self.job.seed,
+            "seeds": [self.job.seed + i for i in range(len(self.sample_prompts))],
         }  # fmt: skip
         if self.rollouts is not None:
             self.sync.push(version)

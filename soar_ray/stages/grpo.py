@@ -12,7 +12,6 @@ epoch n, so sampling overlaps training; `staleness` logs the lag in policy versi
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,11 +21,12 @@ import ray
 import torch
 
 from soar_ray.algo.grpo import group_advantages
-from soar_ray.cluster.rewards import PoolOutput, RewardHandle
+from soar_ray.cluster.rewards import PoolOutput, RewardHandle, merge_outputs
 from soar_ray.config import ConfigError, GrpoStage, JobConfig, PromptsConfig
 from soar_ray.data.prompts import Prompt, load_prompt_set
+from soar_ray.eval.sampling import SamplingSettings, eval_items, submit_eval
 from soar_ray.stages.context import StageContext
-from soar_ray.stages.loop import StageLoop, StageResult, StageStart
+from soar_ray.stages.loop import StageLoop, StageResult, StageStart, derived_seed
 from soar_ray.workers.grpo import (
     GrpoPlan,
     MicroBatch,
@@ -52,12 +52,6 @@ def check_grpo_stage(job: JobConfig, stage_index: int) -> None:
     load_prompts(job.data.prompts, "data.prompts")
     if job.stages[stage_index].eval_every:
         load_prompts(job.data.eval_prompts, "data.eval_prompts")
-
-
-def derived_seed(*parts: int | str) -> int:
-    """A 63-bit seed that is a pure function of its parts (job seed, stage, epoch, call)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def epoch_prompts(num_prompts: int, num_groups: int, seed: int) -> list[int]:
@@ -175,19 +169,6 @@ def reward_metrics(output: PoolOutput, prefix: str) -> dict[str, float]:
     return metrics
 
 
-def merge_outputs(outputs: list[PoolOutput]) -> PoolOutput:
-    """One PoolOutput of consecutive batches."""
-    offsets = np.cumsum([0] + [len(o.scores) for o in outputs])
-    names = outputs[0].components
-    return PoolOutput(
-        np.concatenate([o.scores for o in outputs]),
-        {k: np.concatenate([o.components[k] for o in outputs]) for k in names},
-        {k: np.concatenate([o.dropped[k] + off for o, off in zip(outputs, offsets)])
-         for k in outputs[0].dropped},
-        {k: sum(o.seconds[k] for o in outputs) for k in outputs[0].seconds},
-    )  # fmt: skip
-
-
 def run_grpo_stage(ctx: StageContext, stage_index: int, start: StageStart) -> StageResult:
     """Train `job.stages[stage_index]` on the context's actors."""
     job, stage = ctx.job, ctx.job.stages[stage_index]
@@ -286,28 +267,24 @@ def render_epoch(ctx: StageContext, loop: StageLoop, rollout: EpochRollout,
 
 def evaluate(ctx: StageContext, stage_index: int, loop: StageLoop, prompts: list[Prompt]) -> None:
     """ODE samples (noise 0, `eval_num_sampling_steps`) of the evaluation prompts with the EMA
-    weights where kept, scored by the stage's rewards and its evaluation-only rewards."""
+    weights where kept, scored by the stage's rewards and its evaluation-only rewards: the
+    sampling of `soar-ray eval`, one image a prompt, the same seeds at every evaluation."""
     job, stage = ctx.job, ctx.job.stages[stage_index]
     if stage.ema.enabled and loop.step > 0:
         ctx.sync.push(loop.version, ema=True)
     weights = {name: 0.0 for name in stage.eval_rewards} | dict(stage.rewards)
-    handles, image_refs = [], []
-    for k, start in enumerate(range(0, len(prompts), stage.sample_batch_size)):
-        batch = prompts[start : start + stage.sample_batch_size]
-        texts = [p.text for p in batch]
-        images = ctx.rollouts.submit(
-            RolloutWorker.generate_images, texts, height=job.model.resolution,
-            width=job.model.resolution, num_steps=stage.eval_num_sampling_steps,
-            guidance=stage.cfg_scale, seed=derived_seed(job.seed, stage_index, "eval", k),
-        )  # fmt: skip
-        image_refs.append(images)
-        handles.append(ctx.rewards.submit(images, texts, [p.metadata or None for p in batch],
-                                          weights=weights))  # fmt: skip
-    output = merge_outputs([handle.result() for handle in handles])
+    settings = SamplingSettings(
+        stage.eval_num_sampling_steps, stage.cfg_scale, job.model.resolution
+    )
+    items = eval_items(len(prompts), 1, derived_seed(job.seed, stage_index))
+    batches = submit_eval(ctx.rollouts, ctx.rewards, prompts, items, settings,
+                          stage.sample_batch_size, weights)  # fmt: skip
+    output = merge_outputs([batch.scores.result() for batch in batches])
     if stage.ema.enabled and loop.step > 0:
         ctx.sync.push(loop.version)  # back to the live policy for sampling
     ctx.log(loop.name, loop.step, reward_metrics(output, "eval_reward"))
     count = min(job.logging.num_sample_prompts, len(prompts))
-    images = np.concatenate(ray.get(image_refs[: -(-count // stage.sample_batch_size)]))[:count]
+    shown = batches[: -(-count // stage.sample_batch_size)]
+    images = np.concatenate(ray.get([batch.images for batch in shown]))[:count]
     captions = [f"{output.scores[i]:.3f} {prompts[i].text}" for i in range(count)]
     ctx.save_grid(images, captions, f"{loop.name}-eval", loop.step)

@@ -4,6 +4,7 @@ configured intervals."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,3 +79,9 @@ class StageLoop:
         """The stage output folder and final version."""
         self.bar.close()
         return StageResult(self.ctx.save_output(self.stage_index), self.version)
+
+
+def derived_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of its parts (job seed, stage, epoch, call)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,7 @@ from soar_ray.algo.sampling import sample_ode
 from soar_ray.config import JobConfig
 from soar_ray.metrics import to_uint8_images
 from soar_ray.models import SD3Model
+from soar_ray.models.build import load_transformer
 from soar_ray.models.sd3 import SD3_SCHEDULE_SHIFT, move
 from soar_ray.workers.grpo import GrpoRollout
 from soar_ray.workers.soar import SoarRollout
@@ -26,20 +29,24 @@ def generate_images(
     width: int,
     num_steps: int,
     guidance: float,
-    seed: int,
+    seeds: Sequence[int],
     shift: float = SD3_SCHEDULE_SHIFT,
 ) -> torch.Tensor:
-    """Pixels [B, 3, H, W] in [-1, 1]: `num_steps` Euler ODE steps with CFG, noise from `seed`."""
+    """Pixels [B, 3, H, W] in [-1, 1]: `num_steps` Euler ODE steps with CFG; image i starts from
+    the noise of `seeds[i]`, so an image does not depend on the batch it was made in."""
     factor = model.vae_scale_factor
     if height % (2 * factor) or width % (2 * factor):
         raise ValueError(
             f"height and width must be multiples of {2 * factor}, got {height}x{width}"
         )
+    if len(seeds) != len(prompts):
+        raise ValueError(f"generate_images: {len(seeds)} seeds for {len(prompts)} prompts")
     device = model.transformer.device
-    generator = torch.Generator("cpu").manual_seed(seed)
-    shape = (len(prompts), model.latent_channels, height // factor, width // factor)
+    shape = (model.latent_channels, height // factor, width // factor)
     # Noise drawn on the CPU so a seed gives the same images on every device.
-    noise = torch.randn(shape, generator=generator).to(device)
+    noise = torch.stack(
+        [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    ).to(device)
     cond = model.encode_prompts(prompts)
     uncond = model.uncond(len(prompts))
     grid = make_inference_grid(shift, num_steps)
@@ -102,6 +109,12 @@ class RolloutWorker:
                 params[name].copy_(value)
         self.version = version
         return version
+
+    def load_transformer(self, path: str | Path) -> None:
+        """Replace the weights by a diffusers transformer folder (evaluating a saved model)."""
+        dtype = next(self.model.transformer.parameters()).dtype
+        transformer = load_transformer(path, self.device, dtype)
+        self.model.transformer = transformer.eval().requires_grad_(False)
 
     def rollout(self, request: Any) -> tuple:
         """The stage's rollout of one request (a batch for SOAR, prompts for GRPO)."""
