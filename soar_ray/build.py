@@ -53,6 +53,7 @@ def build_sd3(
     model = build_model(
         **source,
         **kwargs,
+        transformer=job.model.transformer,
         device=device,
         dtype=DTYPES[job.deepspeed.precision],
         encoder_dtype=DTYPES[job.model.dtype],

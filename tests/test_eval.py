@@ -199,3 +199,17 @@ def test_eval_samples_scores_reports_and_resumes(ray_local, tmp_path, transforme
     assert (out / "images" / "1_1.png").read_bytes() == before
     assert (out / "images" / "0_0.png").stat().st_mtime_ns == stamp
     assert pq.read_table(out / "scores.parquet").to_pylist() == table
+
+
+def test_model_transformer_replaces_the_preset_transformer(tmp_path, transformer_dir):
+    saved = type(build_sd3(load_job("jobs/tiny.yaml"), components=("transformer",)).transformer)
+    expected = saved.from_pretrained(transformer_dir).state_dict()
+    job = load_job("jobs/tiny.yaml", [f"model.transformer={transformer_dir}"])
+    for components in (("transformer",), None):  # a GRPO learner's parts, and every part
+        kwargs = {} if components is None else {"components": components}
+        model = build_sd3(job, **kwargs)
+        for key, value in model.transformer.state_dict().items():
+            assert torch.equal(value, expected[key]), key
+    missing = load_job("jobs/tiny.yaml", [f"model.transformer={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="model.transformer: folder not found"):
+        missing.validate_paths()

@@ -87,14 +87,15 @@ class LearnerGroup:
 
 
 class RolloutPool:
-    """M rollout actors holding inference copies; `submit` spreads work round-robin."""
+    """M rollout actors holding inference copies; `submit` spreads work round-robin. Actors are
+    named `<prefix>-<i>` (dashboard); two pools alive at once need different prefixes."""
 
-    def __init__(self, job: JobConfig, topology: Topology) -> None:
+    def __init__(self, job: JobConfig, topology: Topology, prefix: str = "rollout") -> None:
         cluster = job.cluster
         resources = rollout_resources(cluster)
         self.actors = [
             RolloutActor.options(
-                **placement(topology, bundle, resources, f"rollout-{index}"),
+                **placement(topology, bundle, resources, f"{prefix}-{index}"),
                 max_restarts=cluster.max_actor_restarts,
             ).remote(job, index)  # fmt: skip
             for index, bundle in enumerate(topology.rollout_bundles)

@@ -107,11 +107,14 @@ def _largest(nodes: list[dict[str, float]]) -> Bundle:
     return {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("GPU", "CPU")}
 
 
-def create_topology(cluster: ClusterConfig, rewards: Sequence[str] = ()) -> Topology:
-    """Reserve the job's placement group; waits up to `cluster.start_timeout_s`."""
+def create_topology(
+    cluster: ClusterConfig, rewards: Sequence[str] = (), name: str = "soar_ray"
+) -> Topology:
+    """Reserve the job's placement group (`name` on the dashboard); waits up to
+    `cluster.start_timeout_s`."""
     bundles, learner_bundles, rollout_bundles, reward_bundles = plan_bundles(cluster, rewards)
     check_fits(cluster, bundles)
-    group = placement_group(bundles, strategy=cluster.placement_strategy, name="soar_ray")
+    group = placement_group(bundles, strategy=cluster.placement_strategy, name=name)
     ready, _ = ray.wait([group.ready()], timeout=cluster.start_timeout_s)
     if not ready:
         remove_placement_group(group)

@@ -42,6 +42,8 @@ class ModelConfig(Section):
     """Architecture with random weights; `tiny` runs on a laptop CPU."""
     pretrained: str | None = None
     """Diffusers folder of real weights (e.g. stable-diffusion-3.5-medium); wins over `preset`."""
+    transformer: str | None = None
+    """Diffusers transformer folder to start from instead (e.g. a finished run's stage output)."""
     t5_max_length: Annotated[int, Field(ge=1, le=512)] = 77
     """T5 tokens per prompt (reference `max_sequence_length` 77)."""
     resolution: Pixels = 512
@@ -408,7 +410,8 @@ class JobConfig(Section):
     def _input_paths(self) -> list[tuple[str, str, str]]:
         """(dotted field, path, "file" | "folder") of every input the job reads."""
         data = self.data
-        paths = [("model.pretrained", self.model.pretrained, "folder")]
+        paths = [("model.pretrained", self.model.pretrained, "folder"),
+                 ("model.transformer", self.model.transformer, "folder")]  # fmt: skip
         if data.source == "jsonl":
             paths += [
                 ("data.jsonl", data.jsonl, "file"),

@@ -164,6 +164,40 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
 
 
+def prepare_eval(
+    job: JobConfig,
+    transformer: Path,
+    prompts_path: Path,
+    kind: str,
+    rewards: str,
+    *,
+    steps: int,
+    cfg: float,
+    images_per_prompt: int | None,
+    seed: int,
+    resolution: int | None,
+    limit: int | None = None,
+) -> tuple[list[Prompt], dict[str, Any]]:
+    """The prompts and the settings record of one evaluation, every input checked."""
+    try:
+        prompts: list[Prompt] = load_prompt_set(prompts_path, kind)[:limit]
+    except ValueError as exc:
+        raise ConfigError(f"--prompts: {exc}") from None
+    names = parse_rewards(job, rewards)
+    for name in set(names) & GENEVAL_REWARDS:
+        if any("include" not in p.metadata for p in prompts):
+            raise ConfigError(f"--rewards {name}: needs GenEval metadata prompts (a .jsonl set)")
+    settings = {
+        "transformer": str(transformer.resolve()), "weights": weights_signature(transformer),
+        "model": job.model.pretrained or f"preset:{job.model.preset}",
+        "prompts": str(prompts_path.resolve()), "kind": kind, "num_steps": steps,
+        "guidance": cfg, "resolution": resolution or job.model.resolution, "seed": seed,
+        "rewards": names, "num_prompts": len(prompts),
+        "images_per_prompt": images_per_prompt or (4 if kind == "geneval" else 1),
+    }  # fmt: skip
+    return prompts, settings
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Validate everything, then sample, score and report (soar_ray.eval.runner)."""
     _positive(args, "limit", "steps", "images_per_prompt", "resolution", "batch_size", "workers")
@@ -171,22 +205,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     transformer = find_transformer(target)
     job = find_job(target, args.job, args.overrides)
     prompts_path, kind = resolve_prompts(args.prompts, args.kind)
-    try:
-        prompts: list[Prompt] = load_prompt_set(prompts_path, kind)[: args.limit]
-    except ValueError as exc:
-        raise ConfigError(f"--prompts: {exc}") from None
-    names = parse_rewards(job, args.rewards)
-    for name in set(names) & GENEVAL_REWARDS:
-        if any("include" not in p.metadata for p in prompts):
-            raise ConfigError(f"--rewards {name}: needs GenEval metadata prompts (a .jsonl set)")
-    settings = {
-        "transformer": str(transformer.resolve()), "weights": weights_signature(transformer),
-        "model": job.model.pretrained or f"preset:{job.model.preset}",
-        "prompts": str(prompts_path.resolve()), "kind": kind, "num_steps": args.steps,
-        "guidance": args.cfg, "resolution": args.resolution or job.model.resolution,
-        "seed": args.seed, "rewards": names, "num_prompts": len(prompts),
-        "images_per_prompt": args.images_per_prompt or (4 if kind == "geneval" else 1),
-    }  # fmt: skip
+    prompts, settings = prepare_eval(
+        job, transformer, prompts_path, kind, args.rewards, steps=args.steps, cfg=args.cfg,
+        images_per_prompt=args.images_per_prompt, seed=args.seed, resolution=args.resolution,
+        limit=args.limit,
+    )  # fmt: skip
     out = Path(args.out).expanduser()
     check_resumable(out, settings)
     if job.cluster.address is None and not os.environ.get("RAY_ADDRESS"):

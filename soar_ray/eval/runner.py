@@ -60,6 +60,88 @@ def save_png(path: Path, image: np.ndarray) -> None:
     os.replace(partial, path)
 
 
+class EvalSession:
+    """Rollout workers and reward actors of evaluations, kept for as many as are run: a study
+    that evaluates many checkpoints pays the actors' start-up once. Needs a connected Ray."""
+
+    def __init__(self, job: JobConfig, rewards: list[str], num_workers: int) -> None:
+        self.cluster = eval_cluster(job.cluster, num_workers)
+        self.job = job.model_copy(update={"cluster": self.cluster})
+        self.rewards = list(rewards)
+        # Own names, so a session can live beside a training run (a study evaluating its runs).
+        self.topology = create_topology(self.cluster, self.rewards, name="soar_ray-eval")
+        self.rollouts: RolloutPool | None = None
+        self.pool: RewardPool | None = None
+        try:
+            self.pool = RewardPool(dict.fromkeys(self.rewards, 1.0), job.rewards, self.cluster,
+                                   actor_prefix="eval-reward", topology=self.topology)  # fmt: skip
+            if num_workers:
+                self.rollouts = RolloutPool(self.job, self.topology, prefix="eval-rollout")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.rollouts is not None:
+            self.rollouts.kill()
+        self.topology.remove()
+
+    def __enter__(self) -> EvalSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def evaluate(self, prompts: list[Prompt], settings: dict[str, Any], out: Path,
+                 batch_size: int) -> dict[str, Any]:  # fmt: skip
+        """Sample the missing images of `settings` into `out`, score every image, write the
+        report; returns the summary."""
+        unknown = sorted(set(settings["rewards"]) - set(self.rewards))
+        if unknown:
+            raise ValueError(f"EvalSession: no reward actors for {unknown}")
+        images_dir = out / IMAGE_DIR
+        images_dir.mkdir(parents=True, exist_ok=True)
+        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        todo, made = missing_items(out, prompts, settings)
+        weights = dict.fromkeys(settings["rewards"], 1.0)
+        print(f"soar-ray: eval of {settings['transformer']}: {len(prompts)} prompts x "
+              f"{settings['images_per_prompt']} images ({len(made)} already made), rewards "
+              f"{settings['rewards']}, {len(self.rollouts or [])} rollout workers")  # fmt: skip
+        batches: list[EvalBatch] = []
+        if todo:
+            if self.rollouts is None:
+                raise ValueError("EvalSession: images to make but no rollout workers")
+            self.rollouts.call(RolloutWorker.load_transformer, settings["transformer"])
+            sampling = SamplingSettings(settings["num_steps"], settings["guidance"],
+                                        settings["resolution"])  # fmt: skip
+            batches = submit_eval(self.rollouts, self.pool, prompts, todo, sampling, batch_size,
+                                  weights)  # fmt: skip
+        rescored = _score_made(self.pool, prompts, made, images_dir, batch_size, weights)
+        with tqdm(total=len(todo), unit="image", desc="sampling",
+                  disable=not self.job.logging.progress_bar) as bar:  # fmt: skip
+
+            def save(batch: EvalBatch, images: np.ndarray) -> None:
+                for item, image in zip(batch.items, images):
+                    save_png(images_dir / f"{item.name}.png", image)
+                bar.update(len(batch.items))
+
+            collect_images(batches, save, self.cluster.call_timeout_s)
+        order = [item for batch in batches for item in batch.items]
+        order += [item for chunk, _ in rescored for item in chunk]
+        outputs = [batch.scores.result() for batch in batches]
+        outputs += [handle.result() for _, handle in rescored]
+        return _report(out, prompts, order, merge_outputs(outputs), settings)
+
+
+def missing_items(out: Path, prompts: list[Prompt], settings: dict[str, Any]):
+    """(items to sample, items whose image `out` already holds)."""
+    items = eval_items(len(prompts), settings["images_per_prompt"], settings["seed"])
+    exists = [(out / IMAGE_DIR / f"{item.name}.png").is_file() for item in items]
+    return ([i for i, e in zip(items, exists) if not e], [i for i, e in zip(items, exists) if e])
+
+
 def run_eval(
     job: JobConfig,
     prompts: list[Prompt],
@@ -68,53 +150,11 @@ def run_eval(
     batch_size: int,
     num_workers: int,
 ) -> dict[str, Any]:
-    """Sample the missing images, score every image, write the report; returns the summary."""
-    images_dir = out / IMAGE_DIR
-    images_dir.mkdir(parents=True, exist_ok=True)
-    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    items = eval_items(len(prompts), settings["images_per_prompt"], settings["seed"])
-    todo = [item for item in items if not (images_dir / f"{item.name}.png").is_file()]
-    made = [item for item in items if (images_dir / f"{item.name}.png").is_file()]
-    names = settings["rewards"]
-    weights = dict.fromkeys(names, 1.0)
-    sampling = SamplingSettings(settings["num_steps"], settings["guidance"], settings["resolution"])
-    cluster = eval_cluster(job.cluster, num_workers if todo else 0)
-    job = job.model_copy(update={"cluster": cluster})
-    print(f"soar-ray: eval of {settings['transformer']}: {len(prompts)} prompts x "
-          f"{settings['images_per_prompt']} images ({len(made)} already made), rewards "
-          f"{names}, {cluster.num_rollout_workers} rollout workers")  # fmt: skip
-    with ray_session(cluster):
-        topology = create_topology(cluster, names)
-        rollouts: RolloutPool | None = None
-        pool: RewardPool | None = None
-        try:
-            pool = RewardPool(weights, job.rewards, cluster, topology=topology)
-            batches: list[EvalBatch] = []
-            if todo:
-                rollouts = RolloutPool(job, topology)
-                rollouts.call(RolloutWorker.load_transformer, settings["transformer"])
-                batches = submit_eval(rollouts, pool, prompts, todo, sampling, batch_size, weights)
-            rescored = _score_made(pool, prompts, made, images_dir, batch_size, weights)
-            with tqdm(total=len(todo), unit="image", desc="sampling",
-                      disable=not job.logging.progress_bar) as bar:  # fmt: skip
-
-                def save(batch: EvalBatch, images: np.ndarray) -> None:
-                    for item, image in zip(batch.items, images):
-                        save_png(images_dir / f"{item.name}.png", image)
-                    bar.update(len(batch.items))
-
-                collect_images(batches, save, cluster.call_timeout_s)
-            order = [item for batch in batches for item in batch.items]
-            order += [item for chunk, _ in rescored for item in chunk]
-            outputs = [batch.scores.result() for batch in batches]
-            outputs += [handle.result() for _, handle in rescored]
-        finally:
-            if pool is not None:
-                pool.shutdown()
-            if rollouts is not None:
-                rollouts.kill()
-            topology.remove()
-    return _report(out, prompts, order, merge_outputs(outputs), settings)
+    """One evaluation in its own session (workers only when images are missing)."""
+    todo, _ = missing_items(out, prompts, settings)
+    workers = num_workers if todo else 0
+    with ray_session(job.cluster), EvalSession(job, settings["rewards"], workers) as session:
+        return session.evaluate(prompts, settings, out, batch_size)
 
 
 def _score_made(pool, prompts, made, images_dir, batch_size, weights) -> list[tuple[list, Any]]:

@@ -46,8 +46,10 @@ def build_model(
     encoder_dtype: torch.dtype | None = None,
     seed: int = 0,
     max_sequence_length: int | None = None,
+    transformer: str | Path | None = None,
 ) -> SD3Model:
-    """SD3Model from a `preset` (random weights from `seed`) or a `pretrained` diffusers folder."""
+    """SD3Model from a `preset` (random weights from `seed`) or a `pretrained` diffusers folder;
+    `transformer`, a diffusers transformer folder, replaces the transformer of either."""
     # dtype is the transformer's (training) dtype; encoder_dtype (default: dtype) is the VAE's and
     # the text encoders'. device="meta" builds preset shapes only, for parameter counting.
     if (preset is None) == (pretrained is None):
@@ -59,12 +61,16 @@ def build_model(
     if pretrained is not None:
         if torch.device(device).type == "meta":
             raise ValueError("pretrained models load real weights; use a preset for device='meta'")
-        model = load_pretrained(pretrained, components, dtype, encoder_dtype, max_sequence_length)
+        model = load_pretrained(pretrained, components, dtype, encoder_dtype, max_sequence_length,
+                                transformer=transformer)  # fmt: skip
         return model.place(device)
     spec = get_preset(preset)
     parts = {}
     for name in components:
         part_dtype = dtype if name == "transformer" else encoder_dtype
+        if name == "transformer" and transformer is not None:
+            parts[name] = load_transformer(transformer, device, part_dtype)
+            continue
         parts[name] = build_component(spec, name, device=device, dtype=part_dtype, seed=seed)
         if name in _TOKENIZERS:
             tokenizer_name, make_tokenizer = _TOKENIZERS[name]
@@ -99,19 +105,22 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     encoder_dtype: torch.dtype | None = None,
     max_sequence_length: int | None = None,
+    transformer: str | Path | None = None,
 ) -> SD3Model:
-    """SD3Model on the CPU from a diffusers SD3 folder, loading only `components`."""
+    """SD3Model on the CPU from a diffusers SD3 folder, loading only `components` (the
+    transformer from `transformer` when given)."""
     root = Path(path).expanduser()
     components = check_components(components)
     encoder_dtype = dtype if encoder_dtype is None else encoder_dtype
     tokenizers = [_TOKENIZERS[name][0] for name in components if name in _TOKENIZERS]
     # The VAE config defines the latent space, so it is read even when the VAE is not loaded.
-    _check_folder(root, sorted({"vae", *components, *tokenizers}))
+    replaced = {"transformer"} if transformer is not None else set()
+    _check_folder(root, sorted({"vae", *components, *tokenizers} - replaced))
     parts = {}
     for name in components:
         folder = str(root / name)
         if name == "transformer":
-            parts[name] = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=dtype)
+            parts[name] = load_transformer(transformer or folder, "cpu", dtype)
         elif name == "vae":
             parts[name] = AutoencoderKL.from_pretrained(folder, torch_dtype=encoder_dtype)
         else:

@@ -1,0 +1,114 @@
+"""Plots and tables of the shapes study (`benchmarks/shapes_geneval.py --phases report`): the
+held-out and seen GenEval score against post-training step per method (mean +- std over seeds and
+split seeds), per-tag bars of the final scores, the GRPO reward curves, and a Markdown table for
+benchmarks/RESULTS.md. Needs matplotlib (`pip install matplotlib`)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def method_of(run: str) -> str:
+    return re.sub(r"-seed\d+$", "", run)
+
+
+def gather(results: dict[str, Any]) -> dict[str, list[dict]]:
+    """Method -> its runs over every split seed and seed."""
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for split in results["splits"].values():
+        for run, data in split.get("methods", {}).items():
+            runs[method_of(run)].append(data)
+    return runs
+
+
+def final_stats(runs: list[dict], key: str, metric: str = "overall") -> tuple[float, float]:
+    values = [run["final"][key][metric] for run in runs if key in run["final"]]
+    return float(np.mean(values)), float(np.std(values))
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Final scores per method: held-out and seen at each step count, Frechet distance."""
+    runs = gather(results)
+    steps = results["profile"]["eval_steps"]
+    keys = [f"{name}_{s}" for s in steps for name in ("held_out", "seen")]
+    header = (
+        "| method | runs | " + " | ".join(k.replace("_", " ") for k in keys) + " | FD held out |"
+    )
+    lines = [header, "|" + "---|" * (len(keys) + 3)]
+    base = [split["base"] for split in results["splits"].values() if "base" in split]
+    for method, data in [("base", base), *runs.items()]:
+        cells = [f"{m:.3f} ± {s:.3f}" for m, s in (final_stats(data, k) for k in keys)]
+        fd_mean, fd_std = final_stats(data, f"held_out_{steps[0]}", "fd")
+        lines.append(f"| {method} | {len(data)} | " + " | ".join(cells) +
+                     f" | {fd_mean:.3f} ± {fd_std:.3f} |")  # fmt: skip
+    for split_seed, split in results["splits"].items():
+        for start, grpo in split.get("grpo", {}).items():
+            cells = [f"{grpo['final'][k]['overall']:.3f}" for k in keys]
+            fd = grpo["final"][f"held_out_{steps[0]}"]["fd"]
+            lines.append(f"| GRPO from {start} (split {split_seed}) | 1 | " + " | ".join(cells) +
+                         f" | {fd:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit(f"the report needs matplotlib: pip install matplotlib ({exc})") from None
+    runs = gather(results)
+    paths = []
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for axis, name in zip(axes, ("held_out", "seen")):
+        for method, data in sorted(runs.items()):
+            # sft-compute's steps are scaled to SOAR steps of equal compute.
+            steps = [p["step"] * data[0].get("compute_per_step", 1.0) for p in data[0]["curve"]]
+            values = np.array([[p[name]["overall"] for p in run["curve"]] for run in data])
+            mean, std = values.mean(0), values.std(0)
+            axis.plot(steps, mean, marker="o", label=method)
+            axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        axis.set_title(f"{name.replace('_', '-')} compositions")
+        axis.set_xlabel("post-training step (sft-compute: SOAR steps of equal compute)")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("GenEval overall (shapes_geneval, EMA weights)")
+    axes[1].legend(fontsize=8)
+    paths.append(out / "score_vs_step.png")
+    figure.tight_layout()
+    figure.savefig(paths[-1], dpi=120)
+
+    key = f"held_out_{results['profile']['eval_steps'][0]}"
+    tags = sorted({t for data in runs.values() for r in data for t in r["final"][key]["per_tag"]})
+    figure, axis = plt.subplots(figsize=(11, 4))
+    width = 0.8 / max(1, len(runs))
+    for k, (method, data) in enumerate(sorted(runs.items())):
+        values = [np.mean([r["final"][key]["per_tag"].get(t, np.nan) for r in data]) for t in tags]
+        axis.bar(np.arange(len(tags)) + k * width, values, width, label=method)
+    axis.set_xticks(np.arange(len(tags)) + 0.4 - width / 2, tags)
+    axis.set_ylabel("strict accuracy, held-out")
+    axis.legend(fontsize=8)
+    paths.append(out / "per_tag.png")
+    figure.tight_layout()
+    figure.savefig(paths[-1], dpi=120)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for split_seed, split in results["splits"].items():
+        for start, grpo in split.get("grpo", {}).items():
+            steps, rewards = zip(*grpo["reward"])
+            axis.plot(steps, rewards, label=f"from {start} (split {split_seed})")
+    axis.set_xlabel("GRPO epoch")
+    axis.set_ylabel("shapes_geneval reward (training prompts)")
+    axis.legend(fontsize=8)
+    paths.append(out / "grpo_reward.png")
+    figure.tight_layout()
+    figure.savefig(paths[-1], dpi=120)
+    table = markdown_table(results)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return paths
