@@ -19,6 +19,7 @@ mkdir -p "$OUT/grids"
 for run in "$root"/*/; do
   name=$(basename "$run")
   [ -f "$run/job.yaml" ] && cp "$run/job.yaml" "$OUT/grids/$name.yaml"
+  [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$OUT/grids/$name.metrics.jsonl"
   grid=$(ls "$run"/eval/final-held_out-*/grid.png 2>/dev/null | head -1)
   [ -n "$grid" ] && cp "$grid" "$OUT/grids/$name-held_out.png"
 done

@@ -47,9 +47,10 @@ class Profile:
     num_eval_per_tag: int = 16
     images_per_prompt: int = 4
     model: ModelShape = ModelShape()
-    autoencoder_steps: int = 3000
+    autoencoder_steps: int = 1500
     autoencoder_batch: int = 256
-    pretrain_steps: int = 4000
+    pretrain_steps: int = 1500
+    pretrain_batch: int = 256
     pretrain_lr: float = 1e-3
     batch_size: int = 64
     posttrain_steps: int = 600
@@ -65,6 +66,7 @@ class Profile:
 
 PROFILES = {
     "gpu": Profile(),
+    # A pipeline check on a laptop: every phase, tiny sizes.
     "cpu": Profile(
         split_seeds=(0,),
         seeds=(0,),
@@ -75,6 +77,7 @@ PROFILES = {
         autoencoder_steps=30,
         autoencoder_batch=32,
         pretrain_steps=6,
+        pretrain_batch=4,
         batch_size=4,
         posttrain_steps=4,
         eval_every=2,
@@ -86,6 +89,12 @@ PROFILES = {
         eval_steps=(4, 2),
     ),  # fmt: skip
 }
+# The test suite's: every phase once, as small as it gets.
+PROFILES["test"] = replace(
+    PROFILES["cpu"], num_images=48, num_eval_per_tag=1, autoencoder_steps=3, autoencoder_batch=8,
+    pretrain_steps=2, posttrain_steps=2, trajectory_length=1, grpo_epochs=1, grpo_eval_every=1,
+    eval_steps=(2,), model=replace(PROFILES["cpu"].model, num_layers=1),
+)  # fmt: skip
 
 
 @dataclass
@@ -184,8 +193,8 @@ def job_tree(study: Study, name: str, seed: int, stage: dict, world, every: int)
         "name": name, "seed": seed, "output_dir": str(study.root / name),
         "model": {"pretrained": str(study.model_dir), "resolution": profile.image_size,
                   "dtype": "fp32", "t5_max_length": 77},
-        "data": {"source": "jsonl", "jsonl": str(world.jsonl_path),
-                 "image_dir": str(world.image_dir), "batch_size": profile.batch_size,
+        "data": {"source": "cache", "cache_dir": str(study.root / "cache"),
+                 "batch_size": profile.batch_size,
                  "num_workers": 2 if gpu else 0,
                  "prompts": {"path": str(world.train_prompts), "kind": "geneval"},
                  "eval_prompts": {"path": str(world.eval_held_out), "kind": "geneval"}},
@@ -220,6 +229,28 @@ def soar_compute_ratio(profile: Profile) -> float:
     """FLOPs of a SOAR sample over an SFT sample: (1 + P) forward/backward passes (3 forward
     units each) plus the 2 no-grad forwards of the CFG rollout step, against 3 units."""
     return ((1 + profile.trajectory_length) * 3 + 2) / 3
+
+
+def prepare_cache(study: Study, tree: dict, world) -> None:
+    """`soar-ray prepare`: the world's latents and caption embeddings, encoded once a split."""
+    from soar_ray.cli import main
+
+    if (study.root / "cache" / "manifest.json").is_file():
+        return
+    source = {
+        **tree,
+        "data": {
+            **tree["data"],
+            "source": "jsonl",
+            "cache_dir": None,
+            "jsonl": str(world.jsonl_path),
+            "image_dir": str(world.image_dir),
+        },
+    }
+    path = study.root / "prepare.yaml"
+    path.write_text(yaml.safe_dump(source, sort_keys=False))
+    if main(["prepare", str(path), "--out", str(study.root / "cache"), "--batch-size", "256"]):
+        raise RuntimeError(f"soar-ray prepare {path} failed")
 
 
 def run_job(study: Study, tree: dict) -> Path:
@@ -352,6 +383,8 @@ def run_split(study: Study, device: torch.device) -> None:
     base_stage = soar_stage(profile, profile.pretrain_steps, profile.pretrain_lr, lambda_aux=0.0,
                             cfg=4.5)  # fmt: skip
     base_tree = job_tree(study, "base", 0, base_stage, world, profile.pretrain_steps)
+    base_tree["data"]["batch_size"] = profile.pretrain_batch
+    prepare_cache(study, base_tree, world)
     base = run_job(study, base_tree)
     from soar_ray.config import load_job
     from soar_ray.eval.runner import EvalSession

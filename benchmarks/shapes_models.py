@@ -78,16 +78,21 @@ def train_autoencoder(
     vae = autoencoder(shape).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     generator = np.random.default_rng(seed)
+    pool = torch.from_numpy(images).to(device)  # the whole set on the device: no per-step copy
     losses = []
     for _ in tqdm(range(steps), desc="autoencoder", unit="step", mininterval=5):
-        x = to_pixels(images[generator.integers(0, len(images), batch_size)], device)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = torch.nn.functional.mse_loss(recon, x) + kl_weight * posterior.kl().mean()
+        index = torch.from_numpy(generator.integers(0, len(images), batch_size)).to(device)
+        x = pool[index].permute(0, 3, 1, 2).float() / 127.5 - 1
+        # bf16 on GPU: the loss is an MSE of a small model, far above bf16's resolution.
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        loss = torch.nn.functional.mse_loss(recon.float(), x) + kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())  # host sync per step: the model is tiny, the curve is wanted
+        losses.append(loss.detach())
+    losses = torch.stack(losses).tolist()  # one host sync, after training
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = torch.cat([vae.encode(to_pixels(images[i : i + 256], device)).latent_dist.mean

@@ -234,3 +234,25 @@ def test_existing_cache_and_flipping_dataset_refused(
     flipping = ImageCaptionDataset(dataset.jsonl_path, dataset.image_dir, random_flip=True)
     with pytest.raises(ValueError, match="random_flip=False"):
         write_latent_cache(flipping, cache_dir / "other", **encoders)
+
+
+def test_shuffled_reads_decode_each_row_group_once(dataset, tmp_path: Path) -> None:
+    """A cache that fits the reader's budget is decoded once, however the batches shuffle it
+    (decoding a whole row group per sample was the data path's cost): 10 groups here."""
+    write_latent_cache(dataset, tmp_path, encode_images=pool_latents, encode_prompts=hash_embed,
+                       model_id=MODEL_ID, batch_size=1, rows_per_shard=1)  # fmt: skip
+    cache = LatentCacheDataset(tmp_path, model_id=MODEL_ID)
+    decoded: list[tuple[int, int]] = []
+    for shard in range(len(cache.manifest["shards"])):
+        parquet = cache._file(shard)
+        read = parquet.read_row_group
+
+        def counted(group, *args, _read=read, _shard=shard, **kwargs):
+            decoded.append((_shard, group))
+            return _read(group, *args, **kwargs)
+
+        parquet.read_row_group = counted
+    order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(0)).tolist()
+    for index in order + order[::-1]:
+        cache.get(index)
+    assert len(decoded) == len(set(decoded)) == 10  # each group once

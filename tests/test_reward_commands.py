@@ -41,7 +41,7 @@ def test_check_prints_the_table_of_configured_rewards(tmp_path: Path, capsys) ->
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["reward", "backend", "checkpoint", "status", "time", "score"]
     ocr, geneval = lines[2], lines[3]
-    assert ocr.startswith("ocr ") and "rapidocr PP-OCR (onnxruntime), cpu" in ocr
+    assert ocr.startswith("ocr ") and "rapidocr PP-OCR (onnxruntime), engine shipped, cpu" in ocr
     assert "bundled" in ocr and " ok " in ocr and ocr.endswith("1.0000")  # reads the probe's text
     assert geneval.startswith("geneval ") and "yolov3-tiny, auto" in geneval and " ok " in geneval
     assert float(ocr.split(" s ")[0].split()[-1]) > 0  # the time column

@@ -48,8 +48,10 @@ _MANIFEST_FIELDS = {
     "shards": list,
     "cond_shapes": dict,
 }
-# Decoded row groups kept by the reader: a batch's samples often share one.
-_NUM_CACHED_GROUPS = 8
+# Bytes of decoded row groups a reader keeps (least recently used dropped first). Shuffled batches
+# read rows of every group, and decoding a whole group for one row is the data path's cost, so a
+# cache that fits here is decoded once (a 20000-sample, 32 px cache is about 0.6 GiB).
+_CACHED_GROUP_BYTES = 2**30
 
 
 def _schema(cond_keys: list[str], with_sample_columns: bool = True) -> pa.Schema:
@@ -350,10 +352,13 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             except (OSError, pa.ArrowException) as e:
                 path = self._path(shard_index)
                 raise ValueError(f"{path}: row group {group} is corrupt ({e})") from e
-            if len(self._groups) > _NUM_CACHED_GROUPS:
+            while len(self._groups) > 1 and self._cached_bytes() > _CACHED_GROUP_BYTES:
                 self._groups.popitem(last=False)
         self._groups.move_to_end(key)
         return self._groups[key]
+
+    def _cached_bytes(self) -> int:
+        return sum(table.nbytes for table in self._groups.values())
 
     def _tensor(
         self, table: pa.Table, column: str, row: int, shape: list[int], where: str

@@ -224,14 +224,18 @@ def run_grpo_stage(ctx: StageContext, stage_index: int, start: StageStart) -> St
 
 def epoch_metrics(stage: GrpoStage, rollout: EpochRollout, output: PoolOutput, used: np.ndarray,
                   advantages: torch.Tensor) -> dict[str, float]:  # fmt: skip
-    """Rewards (total and every component), advantages and what was left out of training."""
+    """Rewards (total and every component), advantages and what was left out of training; the
+    advantage statistics only when some sample is trained (every group flat: none)."""
     trained_groups = len(np.unique(rollout.group_ids[used]))
-    return reward_metrics(output, "reward") | {
-        "advantage_mean": float(advantages.mean()), "advantage_std": float(advantages.std()),
-        "advantage_abs_mean": float(advantages.abs().mean()),
+    metrics = reward_metrics(output, "reward") | {
         "dropped_group_fraction": 1 - trained_groups / stage.num_groups_per_epoch,
         "num_dropped_samples": output.num_dropped, "num_trained_samples": len(used),
     }  # fmt: skip
+    if len(advantages):
+        metrics |= {"advantage_mean": float(advantages.mean()),
+                    "advantage_std": float(advantages.std(correction=0)),
+                    "advantage_abs_mean": float(advantages.abs().mean())}  # fmt: skip
+    return metrics
 
 
 def speed_metrics(

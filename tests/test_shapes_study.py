@@ -1,0 +1,45 @@
+"""The shapes study's pipeline (benchmarks/shapes_geneval.py, its `test` profile) on a real local
+Ray: world, autoencoder, latent cache, base, SFT / SOAR / SFT-at-SOAR-compute, GRPO from two of
+them, every checkpoint evaluated in one session, results.json and the table. The pipeline, not
+the outcome: a tiny model trained for two steps scores what it scores."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.slow
+def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    from shapes_geneval import PROFILES, run_protocol, soar_compute_ratio
+    from shapes_report import markdown_table
+
+    profile = PROFILES["test"]
+    run_protocol(tmp_path, profile)
+    results = json.loads((tmp_path / "results.json").read_text())
+    split = results["splits"]["0"]
+    assert set(split) == {"autoencoder", "seconds", "base", "methods", "grpo"}
+    assert set(split["methods"]) == {"sft-seed0", "soar-cfg4.5-seed0", "sft-compute-seed0"}
+    assert set(split["grpo"]) == {"soar-cfg4.5", "sft"}
+    root = tmp_path / "split-0"
+    # SFT at SOAR's compute trains ratio x the steps; every run starts from the base output.
+    compute = [json.loads(line) for line in (root / "sft-compute-seed0" / "metrics.jsonl")
+               .read_text().splitlines()]  # fmt: skip
+    assert len(compute) == round(profile.posttrain_steps * soar_compute_ratio(profile))
+    assert f"transformer: {root / 'base' / 'train' / 'transformer'}" in (
+        root / "sft-seed0" / "job.yaml").read_text()  # fmt: skip
+    soar = [json.loads(line) for line in (root / "soar-cfg4.5-seed0" / "metrics.jsonl")
+            .read_text().splitlines()]  # fmt: skip
+    assert soar[0]["aux_points_per_sample"] > 0 and compute[0]["aux_points_per_sample"] == 0
+    for run in [*split["methods"].values(), *split["grpo"].values()]:
+        assert run["curve"] and {"seen_2", "held_out_2"} == set(run["final"])
+        for value in run["final"].values():
+            assert 0 <= value["overall"] <= 1 and value["fd"] >= 0
+    assert len(split["grpo"]["sft"]["reward"]) == profile.grpo_epochs
+    assert (root / "sft-seed0" / "eval" / "final-held_out-2" / "index.html").is_file()
+    table = markdown_table(results)
+    assert "| soar-cfg4.5 | 1 |" in table and "GRPO from sft (split 0)" in table
