@@ -27,15 +27,7 @@ import numpy as np
 from rewards.base import ImageLike, RewardOutput, check_batch, check_batch_size, to_uint8
 from rewards.geneval import GenEvalResult
 from rewards.geneval.detectors import Detection
-from rewards.geneval.rules import (
-    RELATIONS,
-    TAGS,
-    Include,
-    Spec,
-    Thresholds,
-    evaluate,
-    select_objects,
-)
+from rewards.geneval.rules import Thresholds, evaluate, parse_spec, select_objects
 from soar_ray.data.shapes import BACKGROUND, BAR_HEIGHT, PALETTE, SHAPES, coverage
 
 MIN_AREA = 0.01
@@ -119,56 +111,6 @@ def find_blobs(image: ImageLike) -> list[Blob]:
     return sorted(blobs, key=lambda blob: blob.error)
 
 
-def _count(clause: Mapping[str, Any], where: str) -> int:
-    count = clause.get("count")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ValueError(f"{where}: 'count' must be an integer >= 1, got {count!r}")
-    return count
-
-
-def _shape(clause: Mapping[str, Any], where: str) -> str:
-    if clause.get("class") not in SHAPES:
-        raise ValueError(f"{where}: 'class' {clause.get('class')!r} is not one of {SHAPES}")
-    return clause["class"]
-
-
-def parse_shapes_spec(row: Mapping[str, Any] | None, prompt: str) -> Spec:
-    """A GenEval row of the shapes world as GenEval rule requirements; errors name the field."""
-    name = f"{ShapesGenEval.name}: prompt {prompt!r}"
-    if not isinstance(row, Mapping):
-        raise ValueError(f"{name} has no GenEval metadata row")
-    if row.get("tag") not in TAGS:
-        raise ValueError(f"{name}: 'tag' {row.get('tag')!r} is not one of {TAGS}")
-    clauses = row.get("include")
-    if not isinstance(clauses, list) or not clauses:
-        raise ValueError(f"{name}: 'include' must be a non-empty list")
-    include = []
-    for i, clause in enumerate(clauses):
-        where = f"{name}: include[{i}]"
-        color, position = clause.get("color"), clause.get("position")
-        if color is not None and color not in PALETTE:
-            raise ValueError(f"{where}: 'color' {color!r} is not one of {tuple(PALETTE)}")
-        if position is not None:
-            if not (
-                isinstance(position, (list, tuple))
-                and len(position) == 2
-                and position[0] in RELATIONS
-                and isinstance(position[1], int)
-                and 0 <= position[1] < i
-            ):
-                raise ValueError(
-                    f"{where}: 'position' must be [relation in {RELATIONS}, index of an earlier "
-                    f"include], got {position!r}"
-                )
-            position = (position[0], position[1])
-        include.append(Include(_shape(clause, where), _count(clause, where), color, position))
-    exclude = tuple(
-        (_shape(clause, f"{name}: exclude[{i}]"), _count(clause, f"{name}: exclude[{i}]"))
-        for i, clause in enumerate(row.get("exclude", []))
-    )
-    return Spec(row["tag"], tuple(include), exclude)
-
-
 def _blob_colors(cls: str, objects: Sequence[Blob]) -> list[str]:
     """GenEval's colour callback: each blob knows its colour."""
     return [obj.color for obj in objects]
@@ -196,7 +138,8 @@ class ShapesGenEval:
     ) -> list[GenEvalResult]:
         """The GenEval verdict of every image (metadata: its prompt's GenEval row)."""
         rows = check_batch(self.name, images, prompts, metadata)
-        specs = [parse_shapes_spec(row, prompt) for row, prompt in zip(rows, prompts)]
+        specs = [parse_spec(row, prompt, classes=SHAPES, colors=tuple(PALETTE), reward=self.name)
+                 for row, prompt in zip(rows, prompts)]  # fmt: skip
         results = []
         for image, prompt, spec in zip(images, prompts, specs):
             objects = select_objects(find_blobs(image), spec.tag, self.thresholds)

@@ -98,28 +98,37 @@ def _count(item: Mapping[str, Any], where: str) -> int:
     return count
 
 
-def _cls(item: Mapping[str, Any], where: str) -> str:
-    if item.get("class") not in CLASSES:
-        raise ValueError(f"{where}: 'class' {item.get('class')!r} is not a GenEval class")
+def _cls(item: Mapping[str, Any], where: str, classes: Sequence[str]) -> str:
+    if item.get("class") not in classes:
+        what = "a GenEval class" if classes is CLASSES else f"one of {tuple(classes)}"
+        raise ValueError(f"{where}: 'class' {item.get('class')!r} is not {what}")
     return item["class"]
 
 
-def parse_spec(metadata: Mapping[str, Any] | None, prompt: str) -> Spec:
-    """A GenEval metadata row as a Spec; errors name the prompt and the field."""
+def parse_spec(
+    metadata: Mapping[str, Any] | None,
+    prompt: str,
+    *,
+    classes: Sequence[str] = CLASSES,
+    colors: Sequence[str] = COLORS,
+    reward: str = "geneval",
+) -> Spec:
+    """A GenEval metadata row as a Spec; errors name the reward, the prompt and the field.
+    `classes` and `colors`: the vocabulary of the world judged (GenEval's COCO by default)."""
     if not isinstance(metadata, Mapping):
-        raise ValueError(f"geneval: prompt {prompt!r} has no GenEval metadata row")
+        raise ValueError(f"{reward}: prompt {prompt!r} has no GenEval metadata row")
     tag = metadata.get("tag")
     if tag not in TAGS:
-        raise ValueError(f"geneval: prompt {prompt!r}: 'tag' {tag!r} is not one of {TAGS}")
+        raise ValueError(f"{reward}: prompt {prompt!r}: 'tag' {tag!r} is not one of {TAGS}")
     rows = metadata.get("include")
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"geneval: prompt {prompt!r}: 'include' must be a non-empty list")
+        raise ValueError(f"{reward}: prompt {prompt!r}: 'include' must be a non-empty list")
     include = []
     for i, row in enumerate(rows):
-        where = f"geneval: prompt {prompt!r}: include[{i}]"
+        where = f"{reward}: prompt {prompt!r}: include[{i}]"
         color, position = row.get("color"), row.get("position")
-        if color is not None and color not in COLORS:
-            raise ValueError(f"{where}: 'color' {color!r} is not one of {COLORS}")
+        if color is not None and color not in colors:
+            raise ValueError(f"{where}: 'color' {color!r} is not one of {tuple(colors)}")
         if position is not None:
             if not (
                 isinstance(position, (list, tuple))
@@ -133,11 +142,11 @@ def parse_spec(metadata: Mapping[str, Any] | None, prompt: str) -> Spec:
                     f"include], got {position!r}"
                 )
             position = (position[0], position[1])
-        include.append(Include(_cls(row, where), _count(row, where), color, position))
+        include.append(Include(_cls(row, where, classes), _count(row, where), color, position))
     exclude = []
     for i, row in enumerate(metadata.get("exclude", [])):
-        where = f"geneval: prompt {prompt!r}: exclude[{i}]"
-        exclude.append((_cls(row, where), _count(row, where)))
+        where = f"{reward}: prompt {prompt!r}: exclude[{i}]"
+        exclude.append((_cls(row, where, classes), _count(row, where)))
     return Spec(tag, tuple(include), tuple(exclude))
 
 

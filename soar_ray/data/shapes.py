@@ -32,8 +32,12 @@ from PIL import Image, ImageDraw
 
 from rewards.geneval.detectors import Detection
 from rewards.geneval.rules import COLORS, RELATIONS, TAGS, relative_position
-from soar_ray.data.synthetic import IMAGE_DIR, INDEX_FILE, MARKER_FILE
-from soar_ray.data.synthetic import _is_complete as is_complete  # same folder format and marker
+from soar_ray.data.synthetic import (
+    IMAGE_DIR,
+    INDEX_FILE,
+    MARKER_FILE,
+    is_complete,  # same folder format and marker
+)
 
 # GenEval colour names -> RGB: cube corners and edge midpoints, at least 127 apart, and at least
 # 180 from the background, so a blurred edge never looks like another palette colour.

@@ -94,7 +94,7 @@ def _draw_sign(rng: np.random.Generator, width: int, height: int) -> tuple[Image
     return img, f'a sign that says "{word}"'
 
 
-def _is_complete(out_dir: Path, settings: dict[str, object]) -> bool:
+def is_complete(out_dir: Path, settings: dict[str, object]) -> bool:
     """The marker matches `settings` and every indexed image exists."""
     marker, index = out_dir / MARKER_FILE, out_dir / INDEX_FILE
     if not marker.is_file() or not index.is_file():
@@ -133,7 +133,7 @@ def make_synthetic_set(
         "sign_fraction": sign_fraction,
     }
     result = SyntheticSet(out_dir / INDEX_FILE, out_dir / IMAGE_DIR, num_images)
-    if _is_complete(out_dir, settings):
+    if is_complete(out_dir, settings):
         return result
     # Partial or different: drop the marker first, so a crash below never looks complete.
     (out_dir / MARKER_FILE).unlink(missing_ok=True)
