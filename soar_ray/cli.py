@@ -9,6 +9,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from soar_ray.config import ConfigError, JobConfig, dump_config, load_job
+from soar_ray.run_lock import RunFolderBusy, RunFolderLock
 
 
 def _job(args: argparse.Namespace) -> JobConfig:
@@ -28,10 +29,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     job.validate_paths()
     check_pipeline(job)
     run_dir = job.output_path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(job))
-    print(f"soar-ray: job {job.name!r}, {len(job.stages)} stage(s), run folder {run_dir}")
     with ExitStack() as stack:
+        stack.enter_context(RunFolderLock(run_dir, force=args.force))  # before anything is written
+        (run_dir / "config.yaml").write_text(dump_config(job))
+        print(f"soar-ray: job {job.name!r}, {len(job.stages)} stage(s), run folder {run_dir}")
         try:
             session = stack.enter_context(ray_session(job.cluster))
         except RayConnectionError as exc:
@@ -89,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
-    add("run", cmd_run, "train the job's stages")
+    run = add("run", cmd_run, "train the job's stages")
+    run.add_argument("--force", action="store_true",
+                     help="take the run folder's lock from a run that is gone (another machine)")  # fmt: skip
     prepare = add("prepare", cmd_prepare, "write the Parquet latent/embedding cache")
     prepare.add_argument("--out", help="cache folder (default: data.cache_dir or RUN/cache)")
     prepare.add_argument("--batch-size", type=int, default=16, help="images per encode batch")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, RunFolderBusy) as exc:
         # User errors: one clear line, no traceback.
         print(f"soar-ray: error: {exc}", file=sys.stderr)
         return 2
