@@ -111,9 +111,15 @@ class CheckpointManager:
         """Keep the newest `keep_last` complete checkpoints; drop staging folders left by crashes."""
         for _, folder in self.complete()[: -self.keep_last]:
             shutil.rmtree(folder)
-        for folder in self.root.glob(f"{STAGING_PREFIX}*"):
-            # Only this process writes here; a staging folder not being committed is debris.
-            shutil.rmtree(folder, ignore_errors=False)
+        self.remove_staging()
+
+    def remove_staging(self) -> list[Path]:
+        """Delete staging folders (checkpoints never committed: a crash or a full disk mid-write);
+        only the run holding the folder writes here, so any not being committed is debris."""
+        removed = sorted(self.root.glob(f"{STAGING_PREFIX}*")) if self.root.is_dir() else []
+        for folder in removed:
+            shutil.rmtree(folder)
+        return removed
 
 
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:

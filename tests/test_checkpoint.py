@@ -67,3 +67,15 @@ def test_empty_folder_resumes_nothing(tmp_path):
     assert resolve_resume("auto", CheckpointManager(tmp_path / "none", keep_last=1)) is None
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
+
+
+def test_staging_debris_is_removed_and_named(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    assert manager.remove_staging() == []
+    debris = manager.begin(0, 7)  # a checkpoint whose write never finished (a full disk)
+    (debris / "engine.pt").write_bytes(b"\0" * 64)
+    kept = _save(manager, 5)
+    assert manager.remove_staging() == [] and not debris.exists()  # a commit prunes it too
+    debris = manager.begin(0, 9)
+    assert manager.remove_staging() == [debris] and not debris.exists() and kept.is_dir()
+

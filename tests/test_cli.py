@@ -13,11 +13,15 @@ FAST = ["--set", "data.synthetic.num_images=16", "--set", "logging.tensorboard=f
 @pytest.mark.slow
 def test_run_writes_config_metrics_and_output(ray_local, tmp_path, capsys):
     run_dir = tmp_path / "run"
+    debris = run_dir / "checkpoints" / ".staging-step-00-0000002-0badf00d"
+    debris.mkdir(parents=True)  # an earlier run's unfinished checkpoint: removed at start
     code = main(["run", "jobs/tiny.yaml", "--set", f"output_dir={run_dir}",
                  "--set", "stages.0.num_steps=3", "--set", "logging.sample_every=0", *FAST])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
     assert f"stage 0-soar -> {run_dir / '0-soar' / 'transformer'}" in out
+    assert f"removed {debris}, a checkpoint an earlier run did not finish writing" in out
+    assert not debris.exists()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert "stages:" in (run_dir / "config.yaml").read_text()

@@ -50,6 +50,9 @@ def run_pipeline(job: JobConfig, run_dir: Path) -> list[Path]:
     """Every stage's exported transformer folder, in stage order."""
     check_pipeline(job)
     checkpoints = CheckpointManager(job.checkpoint_path, job.checkpoint.keep_last)
+    # Debris of an interrupted checkpoint goes first: after a full disk it is what fills it.
+    for folder in checkpoints.remove_staging():
+        print(f"soar-ray: removed {folder}, a checkpoint an earlier run did not finish writing")
     resume = resolve_resume(job.checkpoint.resume, checkpoints)
     first = read_state(resume).stage_index if resume is not None else 0
     outputs = [run_dir / name / "transformer" for name in job.stage_names[:first]]
