@@ -78,4 +78,3 @@ def test_staging_debris_is_removed_and_named(tmp_path):
     assert manager.remove_staging() == [] and not debris.exists()  # a commit prunes it too
     debris = manager.begin(0, 9)
     assert manager.remove_staging() == [debris] and not debris.exists() and kept.is_dir()
-
