@@ -86,6 +86,7 @@ def build_dataset(job: JobConfig) -> ImageCaptionDataset | LatentCacheDataset:
         jsonl_path,
         image_dir,
         on_bad_sample=data.on_bad_sample,
+        verify_images=data.verify_images,
         max_samples=data.max_samples,
         caption_key=data.caption_key,
         random_flip=data.flip,

@@ -203,6 +203,17 @@ def test_truncated_jpeg(tmp_path: Path) -> None:
     assert verified.skipped == {"unreadable_image": 1}
     with pytest.raises(ValueError, match=_at(jsonl, 2) + r"image .*tall.jpg is unreadable"):
         ImageCaptionDataset(jsonl, image_dir, verify_images=True)
+    with pytest.raises(ValueError, match=r"set data.verify_images: true to find such rows"):
+        lazy.get(1, epoch=0)
+    # The job field reaches the dataset: the bad row is found when the dataset is built.
+    from soar_ray.build import build_dataset
+    from soar_ray.config import load_job
+
+    fields = ["data.source=jsonl", f"data.jsonl={jsonl}", f"data.image_dir={image_dir}"]
+    assert len(build_dataset(load_job("jobs/tiny.yaml", fields))) == 3
+    job = load_job("jobs/tiny.yaml", [*fields, "data.verify_images=true"])
+    with pytest.raises(ValueError, match=_at(jsonl, 2) + r"image .*tall.jpg is unreadable"):
+        build_dataset(job)
 
 
 def test_argument_errors(good_set: tuple[Path, Path]) -> None:

@@ -99,6 +99,8 @@ class DataConfig(Section):
     """Random horizontal flips (off in the reference run)."""
     on_bad_sample: Literal["error", "skip"] = "error"
     """A bad row or image stops the run, or is skipped and counted."""
+    verify_images: bool = False
+    """Fully decode every image while indexing: a truncated one is found before training starts."""
     num_workers: NonNegInt = 8
     """Data-loader worker processes per learner."""
     max_samples: Count | None = None

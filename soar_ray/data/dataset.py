@@ -10,8 +10,8 @@ raises a ValueError naming the file, the 1-based line and the problem; `"skip"` 
 counts it by reason in `skipped` and logs a one-line summary.
 
 Corrupt image data (design choice): a header check cannot see a truncated or damaged JPEG body.
-With `verify_images=True` every image is fully decoded while the index is built, so such rows are
-reported or skipped there and loading never meets them. Without it, an image that fails to decode
+With `verify_images=True` (`data.verify_images: true` in a job) every image is fully decoded
+while the index is built, so such rows are reported or skipped there and loading never meets them. Without it, an image that fails to decode
 at load time is always a ValueError naming file and line, whatever `on_bad_sample` says: dropping
 it at that point would silently shrink a batch and could put data-parallel ranks out of step, and
 a placeholder image would train on garbage.
@@ -215,7 +215,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         except _IMAGE_ERRORS as e:
             raise ValueError(
                 f"{self.jsonl_path}:{row.line_no}: image {row.image_path} failed to decode ({e}); "
-                "build the dataset with verify_images=True to find such rows up front"
+                "set data.verify_images: true to find such rows before training starts"
             ) from e
         img = cover_and_crop(img, row.bw, row.bh)
         if self.random_flip and flip_draw(self.seed, epoch, row.md5):
