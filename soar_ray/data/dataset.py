@@ -11,10 +11,10 @@ counts it by reason in `skipped` and logs a one-line summary.
 
 Corrupt image data (design choice): a header check cannot see a truncated or damaged JPEG body.
 With `verify_images=True` (`data.verify_images: true` in a job) every image is fully decoded
-while the index is built, so such rows are reported or skipped there and loading never meets them. Without it, an image that fails to decode
-at load time is always a ValueError naming file and line, whatever `on_bad_sample` says: dropping
-it at that point would silently shrink a batch and could put data-parallel ranks out of step, and
-a placeholder image would train on garbage.
+while the index is built, so such rows are reported or skipped there and loading never meets
+them. Without it, an image that fails to decode at load time is always a ValueError naming file
+and line, whatever `on_bad_sample` says: dropping it at that point would silently shrink a batch
+and could put data-parallel ranks out of step, and a placeholder image would train on garbage.
 """
 
 import json
