@@ -9,7 +9,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from soar_ray.config import ConfigError, JobConfig, dump_config, load_job
-from soar_ray.run_lock import RunFolderBusy, RunFolderLock
+from soar_ray.errors import RunStopped
+from soar_ray.run_lock import RunFolderLock
 
 
 def _job(args: argparse.Namespace) -> JobConfig:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, RunFolderBusy) as exc:
+    except (ConfigError, FileNotFoundError, RunStopped) as exc:
         # User errors: one clear line, no traceback.
         print(f"soar-ray: error: {exc}", file=sys.stderr)
         return 2

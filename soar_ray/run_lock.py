@@ -17,11 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from soar_ray.errors import RunFolderBusy
+
 LOCK_FILE = "run.lock"
-
-
-class RunFolderBusy(RuntimeError):
-    """Another live run holds the run folder."""
 
 
 def _owner() -> dict[str, Any]:

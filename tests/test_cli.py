@@ -1,6 +1,7 @@
 """`soar-ray run` from the command line: a short real run, and bad input stopped before any actor."""
 
 import json
+import re
 
 import pytest
 import ray
@@ -116,3 +117,22 @@ def test_prepare_writes_a_cache_that_training_reads(ray_local, tmp_path, capsys)
     assert code == 0
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and (tmp_path / "run" / "samples" / "0-soar-step-000002.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_diverged_step_stops_the_run_before_its_state_is_saved(ray_local, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["run", "jobs/tiny.yaml", "--set", f"output_dir={run_dir}",
+                 "--set", "stages.0.optimizer.lr=1.0e+12", "--set", "stages.0.num_steps=6",
+                 "--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=1",
+                 "--set", "logging.sample_every=0", *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    step = int(re.search(r"stage 0-soar step (\d+): ", err).group(1))
+    assert "the run stops without saving this state" in err
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == step and None in (rows[-1]["loss"], rows[-1]["grad_norm"])
+    # Every checkpoint holds a finite state: the newest is the step before the bad one.
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert kept == ([f"step-00-{step - 1:07d}"] if step > 1 else [])
+    assert not (run_dir / "0-soar" / "transformer").exists()

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from soar_ray.cli import main
-from soar_ray.run_lock import LOCK_FILE, RunFolderBusy, RunFolderLock
+from soar_ray.errors import RunFolderBusy
+from soar_ray.run_lock import LOCK_FILE, RunFolderLock
 
 
 def _hold(run_dir, pid, host=None):

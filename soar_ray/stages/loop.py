@@ -5,6 +5,7 @@ configured intervals."""
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from soar_ray.errors import NonFiniteError
 from soar_ray.stages.context import StageContext
+
+FINITE_METRICS = ("loss", "policy_loss", "kl", "grad_norm")
+"""Metrics a step must keep finite: a NaN or inf stops the run before its state is saved."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class StageLoop:
         """Progress bar, then checkpoint, metrics record and sample grid where they are due."""
         job = self.ctx.job
         metrics["policy_version"] = self.version
+        self._check_finite(metrics)
         self.bar.update()
         self.bar.set_postfix(postfix)
         if self.due(self.checkpoint_every):
@@ -74,6 +80,23 @@ class StageLoop:
             self.ctx.log(self.name, self.step, metrics)
         if render is not None and self.due(job.logging.sample_every):
             render()
+
+    def _check_finite(self, metrics: dict[str, Any]) -> None:
+        """Stop at a non-finite loss or gradient norm, before a checkpoint can keep the state
+        (so no checkpoint of a diverged model rotates the good ones out); the step's record is
+        logged first."""
+        bad = {key: metrics[key] for key in FINITE_METRICS
+               if key in metrics and not math.isfinite(metrics[key])}  # fmt: skip
+        if not bad:
+            return
+        self.ctx.log(self.name, self.step, metrics)
+        latest = self.ctx.checkpoints.latest()
+        values = ", ".join(f"{key} {value}" for key, value in bad.items())
+        raise NonFiniteError(
+            f"stage {self.name} step {self.step}: {values}; the run stops without saving this "
+            f"state. The last checkpoint is {latest or 'none'}: lower optimizer.lr (or "
+            "optimizer.grad_clip) and run again, checkpoint.resume: auto continues from it"
+        )
 
     def close(self) -> StageResult:
         """The stage output folder and final version."""
