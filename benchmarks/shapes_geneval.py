@@ -107,6 +107,8 @@ class Study:
     results: dict[str, Any] = field(default_factory=dict)
     session: Any = None
     """The split's EvalSession (soar_ray.eval.runner), open while its runs are evaluated."""
+    feature_vae: Any = None
+    """The split's autoencoder, the feature network of the Frechet distance."""
 
     @property
     def root(self) -> Path:
@@ -165,18 +167,20 @@ def build_world_and_model(study: Study, device: torch.device):
                                         "loss_first": losses[0], "loss_last": losses[-1]}  # fmt: skip
         latent = profile.image_size // 2 ** (len(profile.model.vae_channels) - 1)
         save_study_model(vae.cpu(), profile.model, latent, study.split_seed, study.model_dir)
-        study.results["autoencoder"]["reconstruction"] = reconstruction_score(vae, world)
+        study.results["autoencoder"]["reconstruction"] = reconstruction_score(
+            vae, world, profile.image_size
+        )
         stats.write_text(json.dumps(study.results["autoencoder"]) + "\n")
     study.results["autoencoder"] = json.loads(stats.read_text())
     return world
 
 
-def reconstruction_score(vae, world) -> float:
+def reconstruction_score(vae, world, image_size: int) -> float:
     """shapes_geneval of held-out ground truth after encode/decode: the ceiling of any model."""
     import rewards
 
     rows = [json.loads(line) for line in world.eval_held_out.read_text().splitlines()]
-    truth = reference_images(rows, 32, seed=1)
+    truth = reference_images(rows, image_size, seed=1)
     out = rewards.load("shapes_geneval").score(list(reconstruct(vae, truth)),
                                                [r["prompt"] for r in rows], rows)  # fmt: skip
     return float(out.scores.mean())
@@ -328,8 +332,9 @@ def frechet_to_truth(study: Study, eval_dir: Path) -> float:
     prompts_file = Path(json.loads((eval_dir / "eval.json").read_text())["prompts"])
     table = [json.loads(line) for line in prompts_file.read_text().splitlines()]
     truth = reference_images([table[r["prompt_index"]] for r in rows], made.shape[1], seed=7)
-    vae = AutoencoderKL.from_pretrained(study.model_dir / "vae")
-    return frechet(features(vae, made), features(vae, truth))
+    if study.feature_vae is None:  # loaded once a split, not at every evaluation
+        study.feature_vae = AutoencoderKL.from_pretrained(study.model_dir / "vae")
+    return frechet(features(study.feature_vae, made), features(study.feature_vae, truth))
 
 
 def evaluate_run(study: Study, world, run_dir: Path, stage: str, steps_list: tuple[int, ...]):
@@ -344,13 +349,28 @@ def evaluate_run(study: Study, world, run_dir: Path, stage: str, steps_list: tup
             out = run_dir / "eval" / f"{folder.name}-{name}-{steps_list[0]}"
             point[name] = evaluate(study, folder / "transformer", prompts, steps_list[0], out)
         curve.append(point)
-    final = {}
+        last = folder / "transformer"
+    final, output = {}, run_dir / stage / "transformer"
     for steps in steps_list:
         for name, prompts in (("seen", world.eval_seen), ("held_out", world.eval_held_out)):
+            if steps == steps_list[0] and curve and same_weights(last, output):
+                final[f"{name}_{steps}"] = curve[-1][name]  # the last checkpoint is the output
+                continue
             out = run_dir / "eval" / f"final-{name}-{steps}"
-            final[f"{name}_{steps}"] = evaluate(study, run_dir / stage / "transformer",
-                                                prompts, steps, out)  # fmt: skip
+            final[f"{name}_{steps}"] = evaluate(study, output, prompts, steps, out)
     return {"curve": curve, "final": final}
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two transformer folders hold byte-identical weights."""
+    import filecmp
+
+    files = sorted(p.name for p in a.glob("*.safetensors"))
+    return (
+        bool(files)
+        and files == sorted(p.name for p in b.glob("*.safetensors"))
+        and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+    )
 
 
 def methods(profile: Profile) -> dict[str, dict]:

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from rewards.base import ImageLike, RewardOutput, check_batch, check_batch_size, to_uint8
-from rewards.geneval import GenEvalResult
+from rewards.geneval import GenEvalResult, verdict_components
 from rewards.geneval.detectors import Detection
 from rewards.geneval.rules import Thresholds, evaluate, parse_spec, select_objects
 from soar_ray.data.shapes import BACKGROUND, BAR_HEIGHT, PALETTE, SHAPES, coverage
@@ -154,7 +154,5 @@ class ShapesGenEval:
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> RewardOutput:
         """Fraction of GenEval requirements satisfied per image, plus strict accuracy."""
-        results = self.evaluate(images, prompts, metadata)
-        accuracy = np.array([r.rules.accuracy for r in results], dtype=np.float64)
-        strict = np.array([r.rules.strict for r in results], dtype=np.float64)
-        return RewardOutput(accuracy, {"geneval_accuracy": accuracy, "geneval_strict": strict})
+        components = verdict_components(self.evaluate(images, prompts, metadata))
+        return RewardOutput(components["geneval_accuracy"], components)

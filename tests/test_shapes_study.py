@@ -40,6 +40,10 @@ def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
         for value in run["final"].values():
             assert 0 <= value["overall"] <= 1 and value["fd"] >= 0
     assert len(split["grpo"]["sft"]["reward"]) == profile.grpo_epochs
-    assert (root / "sft-seed0" / "eval" / "final-held_out-2" / "index.html").is_file()
+    # The output is the last checkpoint's weights: its evaluation (gallery and all) serves both.
+    sft = split["methods"]["sft-seed0"]
+    assert sft["curve"][-1]["step"] == profile.posttrain_steps
+    assert sft["curve"][-1]["held_out"] == sft["final"]["held_out_2"]
+    assert (root / "sft-seed0" / "eval" / "step-00-0000002-held_out-2" / "index.html").is_file()
     table = markdown_table(results)
     assert "| soar-cfg4.5 | 1 |" in table and "GRPO from sft (split 0)" in table

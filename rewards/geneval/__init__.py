@@ -161,11 +161,9 @@ class GenEvalReward:
     ) -> RewardOutput:
         """The reward_mode's score per image, with GenEval's accuracy and strict verdict."""
         results = self.evaluate(images, prompts, metadata)
-        accuracy = np.array([r.rules.accuracy for r in results], dtype=np.float64)
-        strict = np.array([r.rules.strict for r in results], dtype=np.float64)
-        components = {"geneval_accuracy": accuracy, "geneval_strict": strict}
+        components = verdict_components(results)
         if self.reward_mode == "geneval":
-            return RewardOutput(accuracy, components)
+            return RewardOutput(components["geneval_accuracy"], components)
         credits = [r.partial for r in results if r.partial is not None]
         partial = np.array([c.score for c in credits], dtype=np.float64)
         exact = np.array([c.strict for c in credits], dtype=np.float64)
@@ -174,16 +172,28 @@ class GenEvalReward:
         )
 
 
+def verdict_components(results: Sequence[GenEvalResult]) -> dict[str, np.ndarray]:
+    """Per image: the fraction of requirements met (`geneval_accuracy`) and GenEval's correct
+    verdict (`geneval_strict`), the components of every GenEval-rule reward."""
+    return {
+        "geneval_accuracy": np.array([r.rules.accuracy for r in results], dtype=np.float64),
+        "geneval_strict": np.array([r.rules.strict for r in results], dtype=np.float64),
+    }
+
+
+def tag_accuracy(verdicts: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """Mean strict verdict per tag of (tag, strict) pairs, GenEval's tags first in their order."""
+    present = {tag for tag, _ in verdicts}
+    tags = [tag for tag in TAGS if tag in present] + sorted(present - set(TAGS))
+    return {tag: float(np.mean([v for t, v in verdicts if t == tag])) for tag in tags}
+
+
 def summarize(results: Sequence[GenEvalResult]) -> dict[str, float]:
     """GenEval's summary: strict accuracy per tag present, and `overall`, their mean."""
     if not results:
         raise ValueError("geneval: no results to summarize")
-    per_tag = {
-        tag: float(np.mean([r.rules.strict for r in results if r.tag == tag]))
-        for tag in TAGS
-        if any(r.tag == tag for r in results)
-    }
+    per_tag = tag_accuracy([(r.tag, r.rules.strict) for r in results])
     return {**per_tag, "overall": float(np.mean(list(per_tag.values())))}
 
 
-__all__ = ["GenEvalResult", "GenEvalReward", "summarize"]
+__all__ = ["GenEvalResult", "GenEvalReward", "summarize", "tag_accuracy", "verdict_components"]

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rewards.geneval import tag_accuracy
 from soar_ray.cluster.rewards import PoolOutput
 from soar_ray.data.prompts import Prompt
 from soar_ray.eval.sampling import EvalItem
@@ -54,9 +55,7 @@ def geneval_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """GenEval's numbers: strict accuracy per tag, `overall` (the mean over tags, as GenEval
     reports it), and over all images the strict accuracy and the fraction of requirements met."""
     scored = [r for r in rows if not r["dropped"] and r.get("tag")]
-    tags = sorted({r["tag"] for r in scored})
-    per_tag = {tag: float(np.mean([r[GENEVAL_STRICT] for r in scored if r["tag"] == tag]))
-               for tag in tags}  # fmt: skip
+    per_tag = tag_accuracy([(r["tag"], r[GENEVAL_STRICT]) for r in scored])
     return {
         "overall": float(np.mean(list(per_tag.values()))),
         "per_tag": per_tag,
