@@ -1,26 +1,38 @@
 #!/usr/bin/env bash
 # The shapes study (benchmarks/shapes_geneval.py) on the lent GPU machine (no network): the GPU
-# profile for the split seeds given (default 0), under a wall-clock guard; results.json, the
-# log, the study's job files and a few sample grids come back under $OUT. The study resumes, so
-# a split cut short by the guard says how far it got. Wheels carried in .whl/.
-#   bash benchmarks/gpu_shapes_geneval.sh 0 540
+# profile for the split seeds given (default 0,1; on a 2-GPU machine both run side by side),
+# under a wall-clock guard, then its report. Back under $OUT: log.txt and study.tar.gz (results,
+# table, plots, every run's job file, metrics, driver log tail and held-out sample grid). The
+# study resumes, so a protocol cut short by the guard says how far it got. Wheels in .whl/.
+#   bash benchmarks/gpu_shapes_geneval.sh 0,1 570
 set -uo pipefail
 source benchmarks/device_env.sh
-split=${1:-0}
-limit=${2:-540}
-nvidia-smi -L | tee "$OUT/gpus.txt"
+splits=${1:-0,1}
+limit=${2:-570}
+study=/tmp/shapes
+nvidia-smi -L | tee "$OUT/log.txt"
 start=$(date +%s)
-timeout "$limit" python3 benchmarks/shapes_geneval.py --out /tmp/shapes --profile gpu \
-  --split-seeds "$split" --phases train > "$OUT/log.txt" 2>&1
-echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
-cp /tmp/shapes/results.json "$OUT/" 2>/dev/null || echo "no results.json"
-root=/tmp/shapes/split-$split
-mkdir -p "$OUT/grids"
-for run in "$root"/*/; do
-  name=$(basename "$run")
-  [ -f "$run/job.yaml" ] && cp "$run/job.yaml" "$OUT/grids/$name.yaml"
-  [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$OUT/grids/$name.metrics.jsonl"
-  grid=$(ls "$run"/eval/final-held_out-*/grid.png 2>/dev/null | head -1)
-  [ -n "$grid" ] && cp "$grid" "$OUT/grids/$name-held_out.png"
+timeout "$limit" python3 benchmarks/shapes_geneval.py --out "$study" --profile gpu \
+  --split-seeds "$splits" --phases train >> "$OUT/log.txt" 2>&1
+echo "train: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
+python3 benchmarks/shapes_geneval.py --out "$study" --profile gpu --split-seeds "$splits" \
+  --phases report >> "$OUT/log.txt" 2>&1 || echo "report failed" | tee -a "$OUT/log.txt"
+bundle=/tmp/bundle
+mkdir -p "$bundle"
+cp "$study"/results.json "$study"/table.md "$study"/*.png "$bundle"/ 2>/dev/null
+for run in "$study"/split-*/*/; do
+  name=$(basename "$(dirname "$run")")-$(basename "$run")
+  mkdir -p "$bundle/$name"
+  for file in job.yaml metrics.jsonl result.json seconds.json; do
+    [ -f "$run/$file" ] && cp "$run/$file" "$bundle/$name/"
+  done
+  [ -f "$run/driver.log" ] && tail -40 "$run/driver.log" > "$bundle/$name/driver.log"
+  last=$(ls -d "$run"/eval/step-*-held_out-* 2>/dev/null | sort | tail -1)
+  for grid in "$last/grid.png" "$run"/eval/final-held_out-*/grid.png; do
+    [ -f "$grid" ] && cp "$grid" "$bundle/$name/$(basename "$(dirname "$grid")").png"
+  done
 done
-grep -E "soar-ray: (job|stage)|Error|error:" "$OUT/log.txt" | tail -40
+tar -czf "$OUT/study.tar.gz" -C "$bundle" .
+ls -la "$OUT"
+grep -E "^shapes:|Error|error" "$OUT/log.txt" | tail -60
+cat "$study/table.md" 2>/dev/null

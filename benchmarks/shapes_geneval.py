@@ -5,24 +5,33 @@
 
 For every split seed: write the world (training images of the seen compositions, GenEval-format
 prompt sets of seen and held-out compositions), train its autoencoder, save the study's SD3
-folder, pre-train a small MMDiT from scratch with flow matching (`soar-ray run`, a SOAR stage with
-lambda_aux 0), then post-train that base with SFT and with SOAR at rollout CFG 1, 2 and 4.5 over
-several seeds at equal steps and batch, plus SFT at SOAR's compute (more steps), then Flow-GRPO
+folder and encode the latent cache (`soar-ray prepare`); pre-train a small MMDiT from scratch with
+flow matching (a SOAR stage with lambda_aux 0), then post-train that base with SFT and with SOAR
+at rollout CFG 1, 2 and 4.5 over several seeds at equal steps and batch, plus SFT at SOAR's
+compute (the same steps at a batch as many times larger as a SOAR sample costs), then Flow-GRPO
 with `shapes_geneval` from the SOAR (CFG 4.5) and the SFT result. Every checkpoint (EMA weights) is
-evaluated with `soar-ray eval` on the seen and held-out prompts (40 ODE steps; the final ones at
-10 steps too), and a Frechet distance to rendered held-out images is taken on the study
-autoencoder's latent features. Every run is a job file in its folder (`soar-ray run` reruns it);
-finished runs and evaluations are skipped, so the command resumes. `results.json` holds every
-number; `--phases report` draws the plots (needs matplotlib).
+evaluated with `soar-ray eval`'s code on the seen and held-out prompts (40 ODE steps; the final
+ones at 10 steps too), and a Frechet distance to rendered held-out images is taken on the study
+autoencoder's latent features.
+
+Every run is a job file in its folder (`soar-ray run` reruns it) and runs as a driver process of
+its own on the study's Ray (`--parallel` at a time, each as soon as the run it starts from is
+done), then evaluates its checkpoints in an evaluation session of its own and writes
+`result.json`; its output goes to `driver.log`. Finished runs are skipped, so the command resumes.
+`results.json` gathers every number as runs finish; `--phases report` draws the plots (needs
+matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +41,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes_models import ModelShape, reconstruct, save_study_model, train_autoencoder  # noqa: E402
+from shapes_report import method_of  # noqa: E402
 
 from soar_ray.data.shapes import make_shapes_set, make_split, render, scene_for  # noqa: E402
 
@@ -53,14 +63,18 @@ class Profile:
     pretrain_batch: int = 256
     pretrain_lr: float = 1e-3
     batch_size: int = 64
-    posttrain_steps: int = 600
+    posttrain_steps: int = 400
     posttrain_lr: float = 2e-4
-    eval_every: int = 150
+    eval_every: int = 100
     soar_cfgs: tuple[float, ...] = (1.0, 2.0, 4.5)
     trajectory_length: int = 6
-    grpo_epochs: int = 40
+    grpo_epochs: int = 30
     grpo_eval_every: int = 10
     gpu: bool = True
+    gpu_share: float = 0.25
+    """GPU fraction of each learner and rollout worker: runs in parallel share a GPU."""
+    parallel_per_device: int = 4
+    """Runs at a time per GPU (per 4 CPUs without GPUs); `--parallel` overrides."""
     eval_steps: tuple[int, ...] = (40, 10)
 
 
@@ -86,6 +100,7 @@ PROFILES = {
         grpo_epochs=2,
         grpo_eval_every=2,
         gpu=False,
+        parallel_per_device=1,
         eval_steps=(4, 2),
     ),  # fmt: skip
 }
@@ -104,24 +119,14 @@ class Study:
     out: Path
     profile: Profile
     split_seed: int
-    results: dict[str, Any] = field(default_factory=dict)
     session: Any = None
-    """The split's EvalSession (soar_ray.eval.runner), open while its runs are evaluated."""
+    """The run's EvalSession (soar_ray.eval.runner), open while its checkpoints are evaluated."""
     feature_vae: Any = None
     """The split's autoencoder, the feature network of the Frechet distance."""
 
     @property
     def root(self) -> Path:
         return self.out / f"split-{self.split_seed}"
-
-    def save(self) -> None:
-        """Merge this split's results into results.json (after every run: a killed study keeps
-        what it measured)."""
-        path = self.out / "results.json"
-        results = json.loads(path.read_text()) if path.is_file() else {}
-        results["profile"] = asdict(self.profile)
-        results.setdefault("splits", {})[str(self.split_seed)] = self.results
-        path.write_text(json.dumps(results, indent=1) + "\n")
 
     @property
     def world_dir(self) -> Path:
@@ -149,30 +154,36 @@ def reference_images(rows: list[dict], size: int, seed: int) -> np.ndarray:
     return np.stack([render(scene_for(row, rng), size) for row in rows])
 
 
-def build_world_and_model(study: Study, device: torch.device):
+def world_of(study: Study):
+    """The split's world (written on first use; afterwards its paths, at once)."""
     profile = study.profile
-    split = make_split(study.split_seed)
-    world = make_shapes_set(study.world_dir, profile.num_images, split,
-                            image_size=profile.image_size, seed=study.split_seed,
-                            num_eval_per_tag=profile.num_eval_per_tag)  # fmt: skip
-    stats = study.model_dir / "autoencoder.json"
+    return make_shapes_set(study.world_dir, profile.num_images, make_split(study.split_seed),
+                           image_size=profile.image_size, seed=study.split_seed,
+                           num_eval_per_tag=profile.num_eval_per_tag)  # fmt: skip
+
+
+def setup_split(study: Study) -> dict:
+    """The world, its autoencoder, the study's SD3 folder and the latent cache of one split."""
+    profile = study.profile
+    world = world_of(study)
     if not (study.model_dir / "model_index.json").is_file():
+        device = torch.device("cpu")
+        if profile.gpu:  # splits set up side by side take different GPUs
+            device = torch.device("cuda", study.split_seed % torch.cuda.device_count())
         images = load_images(world)
         start = time.perf_counter()
         vae, losses = train_autoencoder(
             images, profile.model, steps=profile.autoencoder_steps,
             batch_size=profile.autoencoder_batch, device=device, seed=study.split_seed,
         )  # fmt: skip
-        study.results["autoencoder"] = {"seconds": time.perf_counter() - start,
-                                        "loss_first": losses[0], "loss_last": losses[-1]}  # fmt: skip
+        stats = {"seconds": time.perf_counter() - start, "loss_first": losses[0],
+                 "loss_last": losses[-1],
+                 "reconstruction": reconstruction_score(vae, world, profile.image_size)}  # fmt: skip
         latent = profile.image_size // 2 ** (len(profile.model.vae_channels) - 1)
         save_study_model(vae.cpu(), profile.model, latent, study.split_seed, study.model_dir)
-        study.results["autoencoder"]["reconstruction"] = reconstruction_score(
-            vae, world, profile.image_size
-        )
-        stats.write_text(json.dumps(study.results["autoencoder"]) + "\n")
-    study.results["autoencoder"] = json.loads(stats.read_text())
-    return world
+        (study.model_dir / "autoencoder.json").write_text(json.dumps(stats) + "\n")
+    prepare_cache(study, job_tree(study, "prepare", 0, base_stage(profile), world, 1), world)
+    return {"autoencoder": json.loads((study.model_dir / "autoencoder.json").read_text())}
 
 
 def reconstruction_score(vae, world, image_size: int) -> float:
@@ -190,7 +201,7 @@ def reconstruction_score(vae, world, image_size: int) -> float:
 
 
 def job_tree(study: Study, name: str, seed: int, stage: dict, world, every: int) -> dict:
-    """A job file's content: the study model, the world's images, one stage."""
+    """A job file's content: the study model, the world's latent cache, one stage."""
     profile = study.profile
     gpu = profile.gpu
     return {
@@ -203,13 +214,16 @@ def job_tree(study: Study, name: str, seed: int, stage: dict, world, every: int)
                  "prompts": {"path": str(world.train_prompts), "kind": "geneval"},
                  "eval_prompts": {"path": str(world.eval_held_out), "kind": "geneval"}},
         "stages": [stage],
-        # Fractions: a run's learner and rollout worker and the split's evaluation worker share
-        # the one GPU (or the CPUs).
-        "cluster": {"num_learners": 1, "gpus_per_learner": 0.3 if gpu else 0,
-                    "cpus_per_learner": 1 if gpu else 0.25, "num_rollout_workers": 1,
-                    "gpus_per_rollout_worker": 0.3 if gpu else 0,
+        # Fractions: the runs in parallel share the GPUs (or the CPUs); a run waits for its
+        # share while the others hold theirs. A SOAR stage rolls out on its learner (colocated);
+        # GRPO samples on a rollout worker, as does the run's evaluation afterwards.
+        "cluster": {"num_learners": 1, "gpus_per_learner": profile.gpu_share if gpu else 0,
+                    "cpus_per_learner": 1 if gpu else 0.25,
+                    "num_rollout_workers": int(stage.get("algorithm") == "grpo"),
+                    "gpus_per_rollout_worker": profile.gpu_share if gpu else 0,
                     "cpus_per_rollout_worker": 1 if gpu else 0.25,
-                    "reward_actors": {"shapes_geneval": {"num_cpus": 1 if gpu else 0.25}}},
+                    "reward_actors": {"shapes_geneval": {"num_cpus": 1 if gpu else 0.25}},
+                    "start_timeout_s": 3600},
         "rewards": {"shapes_geneval": {}},  # also sizes the evaluation session's scoring actor
         "deepspeed": {"precision": "bf16" if gpu else "fp32", "zero_stage": 1,
                       "activation_checkpointing": False},
@@ -255,25 +269,6 @@ def prepare_cache(study: Study, tree: dict, world) -> None:
     path.write_text(yaml.safe_dump(source, sort_keys=False))
     if main(["prepare", str(path), "--out", str(study.root / "cache"), "--batch-size", "256"]):
         raise RuntimeError(f"soar-ray prepare {path} failed")
-
-
-def run_job(study: Study, tree: dict) -> Path:
-    """`soar-ray run` of one job file (skipped when its output exists); returns the output."""
-    from soar_ray.config import load_job
-    from soar_ray.stages.pipeline import check_pipeline, run_pipeline
-
-    run_dir = Path(tree["output_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    output = run_dir / tree["stages"][0]["name"] / "transformer"
-    if (output / "config.json").is_file():
-        return output
-    job = load_job(run_dir / "job.yaml")
-    check_pipeline(job)
-    start = time.perf_counter()
-    run_pipeline(job, run_dir)
-    study.results.setdefault("seconds", {})[tree["name"]] = time.perf_counter() - start
-    return output
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -373,15 +368,24 @@ def same_weights(a: Path, b: Path) -> bool:
     )
 
 
-def methods(profile: Profile) -> dict[str, dict]:
-    """Post-training runs from the base: name -> (stage settings, steps)."""
-    steps, lr = profile.posttrain_steps, profile.posttrain_lr
-    runs = {"sft": soar_stage(profile, steps, lr, lambda_aux=0.0, cfg=4.5)}
-    for cfg in profile.soar_cfgs:
-        runs[f"soar-cfg{cfg:g}"] = soar_stage(profile, steps, lr, lambda_aux=1.0, cfg=cfg)
-    compute_steps = round(steps * soar_compute_ratio(profile))
-    runs["sft-compute"] = soar_stage(profile, compute_steps, lr, lambda_aux=0.0, cfg=4.5)
-    return runs
+# ---- the runs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a split: its stage, seed, checkpoint interval and where it starts."""
+
+    stage: dict
+    seed: int
+    every: int
+    start: str | None = None
+    """The run whose output this one post-trains (None: the study model from scratch)."""
+    batch_size: int | None = None
+    """The data batch, where not the profile's post-training batch."""
+
+
+def base_stage(profile: Profile) -> dict:
+    return soar_stage(profile, profile.pretrain_steps, profile.pretrain_lr, lambda_aux=0.0, cfg=4.5)
 
 
 def grpo_stage(profile: Profile) -> dict:
@@ -397,64 +401,200 @@ def grpo_stage(profile: Profile) -> dict:
     }  # fmt: skip
 
 
-def run_split(study: Study, device: torch.device) -> None:
-    profile = study.profile
-    world = build_world_and_model(study, device)
-    base_stage = soar_stage(profile, profile.pretrain_steps, profile.pretrain_lr, lambda_aux=0.0,
-                            cfg=4.5)  # fmt: skip
-    base_tree = job_tree(study, "base", 0, base_stage, world, profile.pretrain_steps)
-    base_tree["data"]["batch_size"] = profile.pretrain_batch
-    prepare_cache(study, base_tree, world)
-    base = run_job(study, base_tree)
+def run_specs(profile: Profile) -> dict[str, RunSpec]:
+    """Every run of a split, in the order they are started: the base; the two runs GRPO starts
+    from; GRPO from each; the other post-training runs. SFT at SOAR's compute trains the same
+    steps on a batch `soar_compute_ratio` times larger, checkpointed at the same steps."""
+    steps, lr, every = profile.posttrain_steps, profile.posttrain_lr, max(1, profile.eval_every)
+    first = profile.seeds[0]
+    sft = soar_stage(profile, steps, lr, lambda_aux=0.0, cfg=4.5)
+    post = {"sft": RunSpec(sft, 0, every, "base")}
+    for cfg in profile.soar_cfgs:
+        stage = soar_stage(profile, steps, lr, lambda_aux=1.0, cfg=cfg)
+        post[f"soar-cfg{cfg:g}"] = RunSpec(stage, 0, every, "base")
+    post["sft-compute"] = RunSpec(sft, 0, every, "base",
+                                  round(profile.batch_size * soar_compute_ratio(profile)))  # fmt: skip
+    specs = {"base": RunSpec(base_stage(profile), 0, profile.pretrain_steps,
+                             batch_size=profile.pretrain_batch)}  # fmt: skip
+    seeded = {f"{name}-seed{seed}": replace(spec, seed=seed)
+              for seed in profile.seeds for name, spec in post.items()}  # fmt: skip
+    origins = [f"{name}-seed{first}" for name in ("soar-cfg4.5", "sft")]
+    specs.update({name: seeded.pop(name) for name in origins})
+    for origin in origins:
+        specs[f"grpo-from-{method_of(origin)}"] = RunSpec(
+            grpo_stage(profile), first, profile.grpo_eval_every, origin
+        )
+    specs.update(seeded)
+    return specs
+
+
+def run_tree(study: Study, name: str, world) -> dict:
+    """The job file of run `name` of the split."""
+    spec = run_specs(study.profile)[name]
+    tree = job_tree(study, name, spec.seed, spec.stage, world, spec.every)
+    if spec.batch_size:
+        tree["data"]["batch_size"] = spec.batch_size
+    if spec.start:
+        tree["model"]["transformer"] = str(study.root / spec.start / "train" / "transformer")
+    return tree
+
+
+def train_and_evaluate(study: Study, name: str) -> dict:
+    """One run in this process (a driver of the study's Ray): `soar-ray run` of its job file
+    (skipped when its output exists), then every checkpoint evaluated; returns its result."""
     from soar_ray.config import load_job
     from soar_ray.eval.runner import EvalSession
+    from soar_ray.stages.pipeline import check_pipeline, run_pipeline
 
-    study.session = EvalSession(load_job(study.root / "base" / "job.yaml"), ["shapes_geneval"], 1)
-    try:
-        study.results["base"] = {"final": {
-            f"{name}_{steps}": evaluate(study, base, prompts, steps,
-                                        study.root / "base" / "eval" / f"final-{name}-{steps}")
-            for steps in profile.eval_steps
-            for name, prompts in (("seen", world.eval_seen), ("held_out", world.eval_held_out))
-        }}  # fmt: skip
-        study.save()
-        post_train(study, world, base)
-    finally:
-        study.session.close()
-
-
-def post_train(study: Study, world, base: Path) -> None:
-    """SFT and SOAR runs from the base over the seeds, then GRPO from two of them."""
-    profile = study.profile
-    every = max(1, profile.eval_every)
-    study.results["methods"] = {}
-    for name, stage in methods(profile).items():
-        # SFT at SOAR's compute checkpoints as often in compute, so its curve has as many points.
-        scale = soar_compute_ratio(profile) if name == "sft-compute" else 1.0
-        for seed in profile.seeds:
-            tree = job_tree(study, f"{name}-seed{seed}", seed, stage, world, round(every * scale))
-            tree["model"]["transformer"] = str(base)
-            run_job(study, tree)
-            study.results["methods"][f"{name}-seed{seed}"] = {
-                "compute_per_step": 1 / scale,
-                **evaluate_run(study, world, Path(tree["output_dir"]), "train", profile.eval_steps),
-            }  # fmt: skip
-            study.save()
-    study.results["grpo"] = {}
-    for start in ("soar-cfg4.5", "sft"):
-        seed = profile.seeds[0]
-        origin = study.root / f"{start}-seed{seed}" / "train" / "transformer"
-        tree = job_tree(study, f"grpo-from-{start}", seed, grpo_stage(profile), world,
-                        profile.grpo_eval_every)  # fmt: skip
-        tree["model"]["transformer"] = str(origin)
-        run_job(study, tree)
-        run_dir = Path(tree["output_dir"])
+    world = world_of(study)
+    tree = run_tree(study, name, world)
+    run_dir = Path(tree["output_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    job = load_job(run_dir / "job.yaml")
+    timing = run_dir / "seconds.json"  # kept apart: a rerun that only evaluates keeps it
+    if not (run_dir / "train" / "transformer" / "config.json").is_file():
+        check_pipeline(job)
+        start = time.perf_counter()
+        run_pipeline(job, run_dir)
+        timing.write_text(json.dumps(time.perf_counter() - start) + "\n")
+    result: dict[str, Any] = {"seconds": json.loads(timing.read_text())}
+    with EvalSession(job, ["shapes_geneval"], 1) as study.session:
+        result.update(evaluate_run(study, world, run_dir, "train", study.profile.eval_steps))
+    if tree["stages"][0]["algorithm"] == "grpo":
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        study.results["grpo"][start] = {
-            "reward": [[r["step"], r["reward_mean"]] for r in rows if "reward_mean" in r],
-            **evaluate_run(study, world, run_dir, "train", profile.eval_steps),
-        }  # fmt: skip
-        study.save()
+        result["reward"] = [[r["step"], r["reward_mean"]] for r in rows if "reward_mean" in r]
+    return result
+
+
+# ---- the protocol: runs as driver processes, in parallel ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """A driver process of the study: one split's setup, or one run."""
+
+    split_seed: int
+    name: str  # "setup" or a run's name
+    after: str | None  # the task of the same split that must finish first
+
+    def folder(self, out: Path) -> Path:
+        return out / f"split-{self.split_seed}" / self.name
+
+    def result_path(self, out: Path) -> Path:
+        return self.folder(out) / "result.json"
+
+
+def protocol_tasks(profile: Profile) -> list[Task]:
+    """Every task, splits interleaved so that each split's chain starts early."""
+    tasks = []
+    for split_seed in profile.split_seeds:
+        tasks.append(Task(split_seed, "setup", None))
+        for name, spec in run_specs(profile).items():
+            tasks.append(Task(split_seed, name, spec.start or "setup"))
+    order = {name: i for i, name in enumerate(["setup", *run_specs(profile)])}
+    return sorted(tasks, key=lambda t: (order[t.name], t.split_seed))
+
+
+def run_protocol(out: Path, profile_name: str, profile: Profile, parallel: int) -> dict:
+    """Every task of every split on one Ray (a local one unless RAY_ADDRESS names one), at most
+    `parallel` driver processes at a time; results.json is rewritten as each task finishes.
+    A failed task stops the protocol, naming its log (a rerun resumes)."""
+    from soar_ray.cluster.session import ray_session
+    from soar_ray.config import ClusterConfig
+
+    # Loopback only, and a token of the study's own that its driver processes inherit.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    out.mkdir(parents=True, exist_ok=True)
+    pending = protocol_tasks(profile)
+    with ray_session(ClusterConfig()) as session:
+        env = {**os.environ, "RAY_ADDRESS": session.address}
+        running: dict[Task, tuple[subprocess.Popen, float]] = {}
+        done = {(t.split_seed, t.name) for t in pending if t.result_path(out).is_file()}
+        pending = [t for t in pending if (t.split_seed, t.name) not in done]
+        try:
+            while pending or running:
+                ready = [t for t in pending if t.after is None or (t.split_seed, t.after) in done]
+                for task in ready[: parallel - len(running)]:
+                    pending.remove(task)
+                    running[task] = (launch(out, profile_name, task, env), time.perf_counter())
+                    print(f"shapes: started split {task.split_seed} {task.name}", flush=True)
+                time.sleep(0.5)
+                for task, (process, started) in list(running.items()):
+                    if process.poll() is None:
+                        continue
+                    del running[task]
+                    log = task.folder(out) / "driver.log"
+                    if process.returncode:
+                        tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
+                        raise RuntimeError(f"split {task.split_seed} {task.name} failed "
+                                           f"(exit {process.returncode}); see {log}:\n{tail}")  # fmt: skip
+                    done.add((task.split_seed, task.name))
+                    print(f"shapes: finished split {task.split_seed} {task.name} in "
+                          f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+                    gather_results(out, profile)
+        finally:
+            for process, _ in running.values():
+                process.terminate()
+            for process, _ in running.values():
+                process.wait()
+    return gather_results(out, profile)
+
+
+def launch(out: Path, profile_name: str, task: Task, env: dict[str, str]) -> subprocess.Popen:
+    folder = task.folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "driver.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, __file__, "--out", str(out), "--profile", profile_name,
+             "--task", f"{task.split_seed}:{task.name}"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+
+
+def run_task(out: Path, profile: Profile, spec: str) -> None:
+    """The body of a driver process: `SPLIT:setup` or `SPLIT:RUN`; writes its result.json last."""
+    split_seed, name = spec.split(":", 1)
+    study = Study(out, profile, int(split_seed))
+    task = Task(study.split_seed, name, None)
+    if name == "setup":
+        result = setup_split(study)
+    else:
+        from soar_ray.cluster.session import ray_session
+        from soar_ray.config import ClusterConfig
+
+        with ray_session(ClusterConfig()):
+            result = train_and_evaluate(study, name)
+    task.result_path(out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def gather_results(out: Path, profile: Profile) -> dict:
+    """results.json from every finished task's result.json."""
+    results: dict[str, Any] = {"profile": asdict(profile), "splits": {}}
+    for split_seed in profile.split_seeds:
+        split: dict[str, Any] = {}
+        root = out / f"split-{split_seed}"
+        for task in ["setup", *run_specs(profile)]:
+            path = root / task / "result.json"
+            if not path.is_file():
+                continue
+            result = json.loads(path.read_text())
+            if "seconds" in result and task != "setup":
+                split.setdefault("seconds", {})[task] = result.pop("seconds")
+            if task == "setup":
+                split.update(result)
+            elif task == "base":
+                split["base"] = result
+            elif task.startswith("grpo-from-"):
+                split.setdefault("grpo", {})[task.removeprefix("grpo-from-")] = result
+            else:
+                split.setdefault("methods", {})[task] = result
+        results["splits"][str(split_seed)] = split
+    text = json.dumps(results, indent=1) + "\n"
+    (out / "results.json").write_text(text)
+    return json.loads(text)
 
 
 def main() -> None:
@@ -463,35 +603,27 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
     parser.add_argument("--phases", default="train,report", help="train, report (comma-separated)")
     parser.add_argument("--split-seeds", help="override the profile's, e.g. 0")
+    parser.add_argument("--parallel", type=int, help="runs at a time (default: the profile's "
+                        "parallel_per_device per GPU, or per 4 CPUs)")  # fmt: skip
+    parser.add_argument("--task", help=argparse.SUPPRESS)  # a driver process of the protocol
     args = parser.parse_args()
     profile = PROFILES[args.profile]
     if args.split_seeds:
         profile = replace(profile, split_seeds=tuple(int(s) for s in args.split_seeds.split(",")))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.task:
+        run_task(out, profile, args.task)
+        return
     phases = args.phases.split(",")
     if "train" in phases:
-        run_protocol(out, profile)
+        devices = torch.cuda.device_count() if profile.gpu else max(1, (os.cpu_count() or 1) // 4)
+        run_protocol(
+            out, args.profile, profile, args.parallel or profile.parallel_per_device * devices
+        )
     if "report" in phases:
         from shapes_report import write_report
 
         write_report(json.loads((out / "results.json").read_text()), out)
-
-
-def run_protocol(out: Path, profile: Profile) -> None:
-    """Every split seed in one local Ray session; results.json is updated after every run."""
-    import os
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from soar_ray.cluster.session import ray_session
-    from soar_ray.config import ClusterConfig
-
-    device = torch.device("cuda" if profile.gpu else "cpu")
-    with ray_session(ClusterConfig()):
-        for split_seed in profile.split_seeds:
-            study = Study(out, profile, split_seed)
-            run_split(study, device)
-            study.save()
 
 
 if __name__ == "__main__":

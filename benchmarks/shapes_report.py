@@ -26,6 +26,14 @@ def gather(results: dict[str, Any]) -> dict[str, list[dict]]:
     return runs
 
 
+def train_seconds(results: dict[str, Any], method: str) -> str:
+    """Mean training wall time of a method's runs (runs in parallel share the machine, so this
+    compares methods measured side by side, not against a machine to themselves)."""
+    values = [s for split in results["splits"].values()
+              for run, s in split.get("seconds", {}).items() if method_of(run) == method]  # fmt: skip
+    return f"{np.mean(values):.0f}" if values else "-"
+
+
 def final_stats(runs: list[dict], key: str, metric: str = "overall") -> tuple[float, float]:
     values = [run["final"][key][metric] for run in runs if key in run["final"]]
     return float(np.mean(values)), float(np.std(values))
@@ -37,20 +45,25 @@ def markdown_table(results: dict[str, Any]) -> str:
     steps = results["profile"]["eval_steps"]
     keys = [f"{name}_{s}" for s in steps for name in ("held_out", "seen")]
     header = (
-        "| method | runs | " + " | ".join(k.replace("_", " ") for k in keys) + " | FD held out |"
+        "| method | runs | train s | "
+        + " | ".join(k.replace("_", " ") for k in keys)
+        + " | FD held out |"
     )
-    lines = [header, "|" + "---|" * (len(keys) + 3)]
+    lines = [header, "|" + "---|" * (len(keys) + 4)]
     base = [split["base"] for split in results["splits"].values() if "base" in split]
     for method, data in [("base", base), *runs.items()]:
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in (final_stats(data, k) for k in keys)]
         fd_mean, fd_std = final_stats(data, f"held_out_{steps[0]}", "fd")
-        lines.append(f"| {method} | {len(data)} | " + " | ".join(cells) +
+        lines.append(f"| {method} | {len(data)} | {train_seconds(results, method)} | " +
+                     " | ".join(cells) +
                      f" | {fd_mean:.3f} ± {fd_std:.3f} |")  # fmt: skip
     for split_seed, split in results["splits"].items():
         for start, grpo in split.get("grpo", {}).items():
             cells = [f"{grpo['final'][k]['overall']:.3f}" for k in keys]
             fd = grpo["final"][f"held_out_{steps[0]}"]["fd"]
-            lines.append(f"| GRPO from {start} (split {split_seed}) | 1 | " + " | ".join(cells) +
+            seconds = split.get("seconds", {}).get(f"grpo-from-{start}", float("nan"))
+            lines.append(f"| GRPO from {start} (split {split_seed}) | 1 | {seconds:.0f} | " +
+                         " | ".join(cells) +
                          f" | {fd:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -68,14 +81,13 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for axis, name in zip(axes, ("held_out", "seen")):
         for method, data in sorted(runs.items()):
-            # sft-compute's steps are scaled to SOAR steps of equal compute.
-            steps = [p["step"] * data[0].get("compute_per_step", 1.0) for p in data[0]["curve"]]
+            steps = [p["step"] for p in data[0]["curve"]]
             values = np.array([[p[name]["overall"] for p in run["curve"]] for run in data])
             mean, std = values.mean(0), values.std(0)
             axis.plot(steps, mean, marker="o", label=method)
             axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
         axis.set_title(f"{name.replace('_', '-')} compositions")
-        axis.set_xlabel("post-training step (sft-compute: SOAR steps of equal compute)")
+        axis.set_xlabel("post-training step (sft-compute: SOAR's compute per step)")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("GenEval overall (shapes_geneval, EMA weights)")
     axes[1].legend(fontsize=8)

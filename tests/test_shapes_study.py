@@ -1,7 +1,8 @@
 """The shapes study's pipeline (benchmarks/shapes_geneval.py, its `test` profile) on a real local
 Ray: world, autoencoder, latent cache, base, SFT / SOAR / SFT-at-SOAR-compute, GRPO from two of
-them, every checkpoint evaluated in one session, results.json and the table. The pipeline, not
-the outcome: a tiny model trained for two steps scores what it scores."""
+them, each run a driver process of its own (two at a time) evaluating its checkpoints,
+results.json and the table. The pipeline, not the outcome: a tiny model trained for two steps
+scores what it scores."""
 
 import json
 import sys
@@ -19,17 +20,22 @@ def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     from shapes_report import markdown_table
 
     profile = PROFILES["test"]
-    run_protocol(tmp_path, profile)
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = run_protocol(tmp_path, "test", profile, parallel=2)
+    assert results == json.loads((tmp_path / "results.json").read_text())
     split = results["splits"]["0"]
     assert set(split) == {"autoencoder", "seconds", "base", "methods", "grpo"}
     assert set(split["methods"]) == {"sft-seed0", "soar-cfg4.5-seed0", "sft-compute-seed0"}
     assert set(split["grpo"]) == {"soar-cfg4.5", "sft"}
+    assert set(split["seconds"]) == {"base", *split["methods"], "grpo-from-soar-cfg4.5",
+                                     "grpo-from-sft"}  # fmt: skip
     root = tmp_path / "split-0"
-    # SFT at SOAR's compute trains ratio x the steps; every run starts from the base output.
+    # SFT at SOAR's compute trains the same steps on a ratio x larger batch; every run starts
+    # from the base output.
     compute = [json.loads(line) for line in (root / "sft-compute-seed0" / "metrics.jsonl")
                .read_text().splitlines()]  # fmt: skip
-    assert len(compute) == round(profile.posttrain_steps * soar_compute_ratio(profile))
+    assert len(compute) == profile.posttrain_steps
+    job = (root / "sft-compute-seed0" / "job.yaml").read_text()
+    assert f"batch_size: {round(profile.batch_size * soar_compute_ratio(profile))}" in job
     assert f"transformer: {root / 'base' / 'train' / 'transformer'}" in (
         root / "sft-seed0" / "job.yaml").read_text()  # fmt: skip
     soar = [json.loads(line) for line in (root / "soar-cfg4.5-seed0" / "metrics.jsonl")
