@@ -1,6 +1,9 @@
-"""Where a SOAR-stage step of the shapes study goes: the driver's data path (the latent cache read
-by `iter_batches`, as `run_soar_stage` does) against the learner's step on a fixed batch (the
-in-process engine, no Ray), at the study's GPU shape.
+"""Where a SOAR-stage step of the shapes study goes, at the study's GPU shape: the driver's data
+path (the latent cache read by `iter_batches`, as `run_soar_stage` does); the learner's step on a
+fixed batch in this process, with the plain-torch LocalEngine and with the DeepSpeed engine the
+runs use (ZeRO 0 and 1, one rank); and the whole `soar-ray run` of the same job on a local Ray
+(the median step rate from its metrics). `--trace` adds a torch.profiler table of the DeepSpeed
+step.
 
     python benchmarks/bench_shapes_step.py --out /tmp/shapes-bench [--num-images 20000]
 
@@ -15,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -48,15 +52,19 @@ def time_data(job, num_steps: int) -> float:
     return num_steps / (time.perf_counter() - start)
 
 
-def time_step(job, num_steps: int) -> tuple[float, dict]:
-    """Steps a second of the learner alone, on one batch from the cache (in-process engine)."""
+def time_step(job, num_steps: int, engine: str, trace: bool = False) -> tuple[float, dict]:
+    """Steps a second of the learner alone on one batch from the cache, in this process:
+    `local` (LocalEngine) or `zero0` / `zero1` (DeepSpeed on a one-rank process group)."""
     from soar_ray.build import build_dataset, build_learner, build_sampler, build_sd3
     from soar_ray.data.loader import iter_batches
 
     dataset = build_dataset(job)
     batch = next(iter_batches(dataset, [build_sampler(job, dataset, 0, 1)], first_step=0,
                               num_steps=1))[0]  # fmt: skip
-    learner = build_learner(job, build_sd3(job, DEVICE), distributed=False)
+    if engine != "local":
+        job = job.model_copy(update={"deepspeed": job.deepspeed.model_copy(
+            update={"zero_stage": int(engine.removeprefix("zero"))})})  # fmt: skip
+    learner = build_learner(job, build_sd3(job, DEVICE), distributed=engine != "local")
     learner.setup_stage(0)
     for _ in range(3):
         learner.train(batch)
@@ -65,7 +73,40 @@ def time_step(job, num_steps: int) -> tuple[float, dict]:
     for _ in range(num_steps):
         metrics = learner.train(batch)
     sync()
-    return num_steps / (time.perf_counter() - start), metrics
+    rate = num_steps / (time.perf_counter() - start)
+    if trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(10):
+                learner.train(batch)
+            sync()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30), flush=True)
+    return rate, metrics
+
+
+def one_rank_group() -> None:
+    """A one-rank process group on loopback for the DeepSpeed engine."""
+    import os
+
+    import deepspeed
+
+    from soar_ray.cluster.session import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")  # fmt: skip
+    deepspeed.init_distributed(dist_backend="nccl" if DEVICE == "cuda" else "gloo")
+
+
+def time_run(job, run_dir: Path) -> float:
+    """Median steps a second of `soar-ray run` of the job (its metrics' samples_per_s)."""
+    from soar_ray.stages.pipeline import run_pipeline
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_pipeline(job, run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return float(np.median([r["samples_per_s"] for r in rows[2:]])) / job.data.batch_size
 
 
 def main() -> None:
@@ -73,6 +114,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--num-images", type=int, default=20000)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--run-steps", type=int, default=200, help="steps of the whole run")
+    parser.add_argument("--trace", action="store_true", help="profile the DeepSpeed step")
     args = parser.parse_args()
     profile = PROFILES["gpu"]
     study = Study(Path(args.out), profile, split_seed=0)
@@ -80,20 +123,26 @@ def main() -> None:
     if not (study.model_dir / "model_index.json").is_file():
         save_study_model(autoencoder(profile.model), profile.model, 8, 0, study.model_dir)
     results = {}
+    one_rank_group()
+    from soar_ray.cluster.session import ray_session
+    from soar_ray.config import ClusterConfig, load_job
+
     for name, lambda_aux, batch in (("sft", 0.0, 256), ("soar", 1.0, 64)):
-        stage = soar_stage(profile, 10, 1e-3, lambda_aux=lambda_aux, cfg=4.5)
-        tree = job_tree(study, f"bench-{name}", 0, stage, world, 10)
+        stage = soar_stage(profile, args.run_steps, 1e-3, lambda_aux=lambda_aux, cfg=4.5)
+        tree = job_tree(study, f"bench-{name}", 0, stage, world, args.run_steps)
         tree["data"]["batch_size"] = batch
         prepare_cache(study, tree, world)
         path = study.root / f"bench-{name}.yaml"
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
-        from soar_ray.config import load_job
-
         job = load_job(path)
-        data_rate = time_data(job, args.steps)
-        step_rate, metrics = time_step(job, args.steps)
-        results[name] = {"batch": batch, "data_batches_per_s": data_rate,
-                         "learner_steps_per_s": step_rate, "loss": metrics["loss"]}  # fmt: skip
+        result = {"batch": batch, "data_batches_per_s": time_data(job, args.steps)}
+        for engine in ("local", "zero0", "zero1"):
+            trace = args.trace and engine == "zero1"
+            rate, metrics = time_step(job, args.steps, engine, trace)
+            result[f"learner_{engine}_steps_per_s"] = rate
+        with ray_session(ClusterConfig()):
+            result["run_steps_per_s"] = time_run(job, study.root / f"bench-{name}")
+        results[name] = result
         print(name, json.dumps(results[name]), flush=True)
     (Path(args.out) / "bench_step.json").write_text(json.dumps(results, indent=1) + "\n")
 
