@@ -6,11 +6,13 @@ all of them agree on weights, data and batch order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from soar_ray.config import JobConfig
+from soar_ray.config import ConfigError, JobConfig
 from soar_ray.data import (
     BucketBatchSampler,
     ImageCaptionDataset,
@@ -23,6 +25,8 @@ from soar_ray.models.sd3 import move
 from soar_ray.workers.learner import Learner
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DATA_FIELDS = {"jsonl": "data.jsonl", "cache": "data.cache_dir", "synthetic": "data.synthetic"}
+"""data.source -> the field a bad training row, image or cache file is reported under."""
 
 
 def model_identity(job: JobConfig) -> str:
@@ -65,8 +69,23 @@ def build_sd3(
     return model
 
 
+@contextmanager
+def data_errors(job: JobConfig) -> Iterator[None]:
+    """A bad training row, image or cache file becomes one ConfigError line naming the field."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{DATA_FIELDS[job.data.source]}: {exc}") from None
+
+
 def build_dataset(job: JobConfig) -> ImageCaptionDataset | LatentCacheDataset:
-    """The training set of `job.data.source`: synthetic (generated once), jsonl or cache."""
+    """The training set of `job.data.source`: synthetic (generated once), jsonl or cache; bad
+    input is a ConfigError naming the field, the file and the line."""
+    with data_errors(job):
+        return _build_dataset(job)
+
+
+def _build_dataset(job: JobConfig) -> ImageCaptionDataset | LatentCacheDataset:
     data = job.data
     if data.source == "cache":
         return LatentCacheDataset(

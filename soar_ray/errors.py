@@ -11,4 +11,13 @@ class RunFolderBusy(RunStopped):
 
 
 class NonFiniteError(RunStopped):
-    """A step produced a non-finite loss or gradient norm."""
+    """A step produced a non-finite loss or gradient norm (`optimizer.on_nonfinite: stop`), or
+    too many optimizer steps in a row were skipped for one (`skip_step`)."""
+
+
+class UnsafeCheckpointError(RunStopped):
+    """A checkpoint file holds objects that loading with weights_only=True refuses."""
+
+
+class LearnerFailed(RunStopped):
+    """A learner died or stopped answering; the group cannot go on without it."""

@@ -9,6 +9,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import ray
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from ray.util.metrics import Gauge
+
+from soar_ray.checkpoint import write_atomic
 
 RAY_METRIC_PREFIX = "soar_ray_"
 RAY_METRIC_RENAMES = {"samples_per_s": "samples_per_second"}
@@ -100,6 +103,28 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def drop_jsonl_rows(path: Path, keep: Callable[[dict[str, Any]], bool]) -> int:
+    """Drop the rows of a JSONL file that `keep` rejects, and any line that is not a JSON object (a
+    kill mid-write cuts the last one short); atomic: the kept lines go to a new file that replaces
+    the old. Returns the lines dropped (0 leaves the file untouched; no file is no rows)."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and keep(row):
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        write_atomic(path, "".join(kept))
+    return dropped
 
 
 def ray_metric_name(key: str) -> str:

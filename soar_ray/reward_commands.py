@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 import rewards
 from rewards.base import MissingCheckpointError
 from soar_ray.config import JobConfig, RewardConfig, load_job
+from soar_ray.data.dataset import IMAGE_ERRORS
 from soar_ray.data.prompts import PROMPT_KINDS, load_prompt_set
 from soar_ray.workers.scorer import RewardScoreError, RewardScorer, reward_options
 
@@ -237,6 +238,16 @@ def score_config(args: argparse.Namespace) -> RewardConfig:
     return RewardConfig.model_validate(fields)
 
 
+def read_image(path: Path) -> Image.Image:
+    """The image at `path` in RGB, fully decoded; a truncated or corrupt file is a ValueError
+    naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except IMAGE_ERRORS as exc:
+        raise ValueError(f"{path}: unreadable image ({exc})") from None
+
+
 def score_folder(
     scorer: RewardScorer, pairs: list[tuple[Path, int]], prompts: list[Any]
 ) -> dict[str, Any]:
@@ -247,7 +258,7 @@ def score_folder(
     batch_size = scorer.config.batch_size
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
-        images = [Image.open(path).convert("RGB") for path, _ in batch]
+        images = [read_image(path) for path, _ in batch]
         chosen = [prompts[index] for _, index in batch]
         out = scorer.score(images, [p.text for p in chosen], [p.metadata or None for p in chosen])
         columns["image"] += [path.name for path, _ in batch]

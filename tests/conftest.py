@@ -78,3 +78,24 @@ def read_soar_metrics(url: str) -> dict[tuple[str, str, str], float]:
 def soar_metrics() -> Callable[[str], dict[tuple[str, str, str], float]]:
     """`read_soar_metrics`, for tests that read a metrics endpoint."""
     return read_soar_metrics
+
+
+class Planted:
+    """Unpickling it calls os.mkdir(marker): a stand-in for any code a file could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def plant_code(path: Path, marker: Path) -> None:
+    """A torch file at `path` whose unsafe loading (weights_only=False) makes the folder `marker`."""
+    torch.save({"state": Planted(marker)}, path)
+
+
+@pytest.fixture
+def plant() -> Callable[[Path, Path], None]:
+    """`plant_code`, for tests that a checkpoint file cannot run code."""
+    return plant_code

@@ -5,8 +5,11 @@ import re
 
 import pytest
 import ray
+import torch
+from safetensors.torch import load_file
 
 from soar_ray.cli import main
+from soar_ray.config import dump_config, load_job
 
 FAST = ["--set", "data.synthetic.num_images=16", "--set", "logging.tensorboard=false"]
 
@@ -91,6 +94,8 @@ def test_resume_inside_a_stage_without_the_previous_output_stops_before_any_acto
     folder.mkdir(parents=True)
     state = {"stage_index": 1, "stage_name": "grpo", "step": 2, "policy_version": 42}
     (folder / "state.json").write_text(json.dumps(state))
+    job = load_job("jobs/tiny_soar_grpo.yaml", [f"output_dir={run_dir}"])
+    (folder / "config.yaml").write_text(dump_config(job))
     err = _error(capsys, "--set", f"output_dir={run_dir}", job="jobs/tiny_soar_grpo.yaml")
     assert f"{run_dir / 'soar' / 'transformer'}: resuming {folder} inside stage 'grpo'" in err
     assert "checkpoint.resume: never" in err
@@ -136,3 +141,100 @@ def test_a_diverged_step_stops_the_run_before_its_state_is_saved(ray_local, tmp_
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert kept == ([f"step-00-{step - 1:07d}"] if step > 1 else [])
     assert not (run_dir / "0-soar" / "transformer").exists()
+
+
+def test_a_job_file_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_bytes(b"seed: 1\nname: caf\xe9\n")  # Latin-1, not UTF-8
+    err = _error(capsys, job=str(job))
+    assert err == (f"soar-ray: error: {job}: not UTF-8: byte offset 17 (line 2): invalid "
+                   "continuation byte; save the job file as UTF-8\n")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [('{"md5": "a", "caption_en": "x", "bw": 64 "bh": 64}', "malformed JSON (Expecting ',' delimiter at column 42)"),
+     ('{"md5": "a", "caption_en": "x", "bw": 64}', "missing key 'bh'"),
+     ('{"md5": "b", "caption_en": "x", "bw": 64, "bh": 64}', "image {images}/b.jpg does not exist")],
+)  # fmt: skip
+def test_a_bad_training_row_is_one_line_before_ray(tmp_path, capsys, row, problem):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64)).save(images / "a.jpg")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"md5": "a", "caption_en": "a black square", "bw": 64, "bh": 64}\n' + row)
+    err = _error(capsys, "--set", f"output_dir={tmp_path / 'r'}", "--set", "data.source=jsonl",
+                 "--set", f"data.jsonl={data}", "--set", f"data.image_dir={images}")  # fmt: skip
+    problem = problem.format(images=images)
+    assert err == f"soar-ray: error: data.jsonl: {data}:2: {problem}\n"
+    assert not (tmp_path / "r").exists()  # stopped before the run folder, Ray and any actor
+
+
+def test_bad_geneval_prompts_and_sample_prompts_are_one_line_before_ray(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"tag": "single_object", "include": [{"class": "cat", "count": 1}], '
+                       '"prompt": "a photo of a cat"}\n{"tag": "single_object"}\n')  # fmt: skip
+    err = _error(capsys, "--set", f"output_dir={tmp_path / 'r'}", "--set",
+                 f"data.prompts.path={prompts}", "--set", "data.prompts.kind=geneval",
+                 job="jobs/tiny_grpo.yaml")  # fmt: skip
+    assert err == f"soar-ray: error: data.prompts: {prompts}:2: 'prompt' must be a non-empty string\n"  # fmt: skip
+    samples = tmp_path / "samples.txt"
+    samples.write_text("a cat\nbad \x01 line\n")
+    err = _error(capsys, "--set", f"output_dir={tmp_path / 'r'}", "--set",
+                 f"logging.sample_prompts_file={samples}")  # fmt: skip
+    assert err == (f"soar-ray: error: logging.sample_prompts_file: {samples}:2: control "
+                   "character '\\x01' in prompt\n")  # fmt: skip
+    assert not (tmp_path / "r").exists()
+
+
+def test_rewards_score_names_a_truncated_image_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue square\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32), "red").save(images / "0.png")
+    Image.new("RGB", (32, 32), "blue").save(images / "1.png")
+    whole = (images / "1.png").read_bytes()
+    (images / "1.png").write_bytes(whole[: len(whole) // 2])  # cut short, as by a full disk
+    code = main(["rewards", "score", "--reward", "jpeg_compressibility", "--prompts", str(prompts),
+                 "--images", str(images), "--out", str(tmp_path / "s.parquet")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"soar-ray rewards score: error: {images / '1.png'}: unreadable image (")
+    assert not (tmp_path / "s.parquet").exists()
+
+
+@pytest.mark.slow
+def test_skip_step_skips_diverged_steps_and_stops_after_five_in_a_row(ray_local, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["run", "jobs/tiny.yaml", "--set", f"output_dir={run_dir}",
+                 "--set", "stages.0.optimizer.lr=1.0e+12", "--set", "stages.0.num_steps=12",
+                 "--set", "stages.0.optimizer.on_nonfinite=skip_step",
+                 "--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=12",
+                 "--set", "cluster.num_learners=1", "--set", "cluster.num_rollout_workers=0",
+                 "--set", "logging.sample_every=0", "--set", "logging.progress_bar=false",
+                 *FAST])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err, err
+    skips = re.findall(r"stage 0-soar step (\d+): skipped 1 optimizer step\(s\) with a non-finite "
+                       r"loss or gradient norm \((\d) in a row\)", out)  # fmt: skip
+    first = int(skips[0][0])  # the step after the one whose huge update blew the weights up
+    assert [(int(step), int(n)) for step, n in skips] == [(first + k, k + 1) for k in range(5)]
+    latest = run_dir / "checkpoints" / f"step-00-{first + 3:07d}"
+    assert err == (f"soar-ray: error: stage 0-soar step {first + 4}: 5 optimizer steps in a row "
+                   f"were skipped; the run stops without saving this state (last checkpoint: "
+                   f"{latest}). Lower optimizer.lr (or optimizer.grad_clip) and start over with "
+                   "checkpoint.resume: never, since a resume keeps its checkpoint's optimizer "
+                   "settings\n")  # fmt: skip
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0] * (first - 1) + [1] * 5
+    # A skipped step changes no weight: the checkpoints of the skipped steps (the fifth stops the
+    # run unsaved) hold the weights of the step before the first skip, bit for bit.
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    saved = [load_file(run_dir / "checkpoints" / f"step-00-{step:07d}" / name)
+             for step in range(first - 1, first + 4)]  # fmt: skip
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(saved, saved[1:]) for k in a)

@@ -362,6 +362,15 @@ GRPO = ("data.prompts.path=p.txt", "cluster.num_rollout_workers=1", "stages.0.ev
         ),
         (("cluster.reward_actors.ocr.num_actors=2",), "cluster.reward_actors.ocr: no stage"),
         (("stages.0.optimizer.warmup_steps=10",), "stages.0.optimizer.warmup_steps: must be >= 1"),
+        (
+            (
+                "cluster.gpus_per_learner=0",
+                "deepspeed.precision=fp32",
+                "deepspeed.zero_stage=0",
+                "stages.0.optimizer.on_nonfinite=skip_step",
+            ),
+            "stages.0.optimizer.on_nonfinite: 'skip_step' needs deepspeed.zero_stage >= 1",
+        ),
         (("output_dir=runs/{nam}",), "output_dir: bad placeholder in 'runs/{nam}'"),
     ],
 )

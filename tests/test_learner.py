@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -65,6 +66,30 @@ def test_local_engine_clips_to_max_norm():
     assert engine.get_global_grad_norm() == pytest.approx(norm, rel=1e-5)
 
 
+def test_local_engine_skips_a_non_finite_step_and_trains_on():
+    model, x, y = _linear_problem()
+    cfg = OptimizerConfig(lr=0.1, lr_schedule="warmup", warmup_steps=4)
+    engine = LocalEngine(list(model.parameters()), cfg)
+    engine.backward(((model(x) - y) ** 2).mean())
+    engine.step()  # a real step first: AdamW has moments and a step count to keep
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(engine.optimizer.state_dict())
+    lr = engine.get_lr()
+    engine.backward(math.nan * ((model(x) - y) ** 2).mean())
+    engine.step()
+    assert not engine.was_step_applied() and math.isnan(engine.get_global_grad_norm())
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    after = engine.optimizer.state_dict()
+    for key, moments in state["state"].items():
+        assert all(torch.equal(v, after["state"][key][k]) for k, v in moments.items())
+    assert engine.get_lr() == lr  # the warm-up did not advance
+    engine.backward(((model(x) - y) ** 2).mean())
+    engine.step()
+    assert engine.was_step_applied() and engine.get_lr() != lr
+    assert not any(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
 @pytest.fixture(scope="module")
 def tiny_job(tmp_path_factory):
     out = tmp_path_factory.mktemp("learner")
@@ -96,6 +121,27 @@ def test_soar_step_trains_every_transformer_weight_and_reports(tiny_job):
     assert all(math.isfinite(metrics[k]) for k in ("loss", "loss_main", "loss_aux", "grad_norm"))
     changed = [not torch.equal(a, p) for a, p in zip(before, learner.params)]
     assert sum(changed) > 0.9 * len(changed)
+
+
+def test_a_non_finite_loss_skips_the_step_and_leaves_weights_and_ema(tiny_job):
+    learner = _learner(tiny_job, ema=EmaConfig(enabled=True, every=1))
+    batch = _batch(tiny_job)
+    learner.train(batch)  # a real step first: the EMA now lags the weights
+    weights = [p.detach().clone() for p in learner.params]
+    shadow = [t.clone() for t in learner.ema.shadow]
+    num_updates = learner.ema.num_updates
+    bad = learner.train(batch | {"pixels": batch["pixels"] * math.nan})
+    assert (bad["skipped_steps"], bad["skipped_steps_in_a_row"]) == (1, 1)
+    # An overflowed loss whose own gradient is finite is refused just the same.
+    learner.backward_step(learner.params[0].sum() + math.inf)
+    assert learner.num_skipped_in_a_row == 2
+    assert all(torch.equal(a, p) for a, p in zip(weights, learner.params))
+    assert all(torch.equal(a, b) for a, b in zip(shadow, learner.ema.shadow))
+    assert learner.ema.num_updates == num_updates
+    good = learner.train(batch)
+    assert (good["skipped_steps"], good["skipped_steps_in_a_row"]) == (0, 0)
+    assert math.isfinite(good["loss"]) and math.isfinite(good["grad_norm"])
+    assert sum(not torch.equal(a, p) for a, p in zip(weights, learner.params)) > 0.9 * len(weights)
 
 
 def test_lambda_zero_is_sft(tiny_job):

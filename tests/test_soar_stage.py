@@ -1,12 +1,16 @@
-"""The SOAR stage on a real local Ray: DeepSpeed ZeRO learners on gloo, rollout workers, resume."""
+"""The SOAR stage on a real local Ray: DeepSpeed ZeRO learners on gloo, rollout workers (exact resume:
+test_checkpoint_integrity.py)."""
 
+import dataclasses
 import json
+import math
+from functools import partial
 
+import psutil
 import pytest
 import ray
 import torch
 from diffusers import SD3Transformer2DModel
-from safetensors.torch import load_file
 
 from soar_ray.algo.flow import cat_cond, make_schedule
 from soar_ray.algo.soar import AuxPoint, SoarInputs, prepare_soar_inputs
@@ -14,6 +18,7 @@ from soar_ray.build import build_learner, build_sd3
 from soar_ray.cluster.groups import LearnerGroup
 from soar_ray.cluster.placement import create_topology
 from soar_ray.config import load_job
+from soar_ray.errors import UnsafeCheckpointError
 from soar_ray.stages.pipeline import run_pipeline
 from soar_ray.workers.learner import Learner
 from soar_ray.workers.soar import soar_hyperparams
@@ -62,20 +67,6 @@ def test_disaggregated_rollout_is_stale_by_at_most_max_staleness(ray_local, tmp_
     assert all(r["aux_points_per_sample"] == 6.0 for r in rows)
 
 
-def test_resume_continues_exactly(ray_local, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    lean = ["cluster.num_rollout_workers=0", "logging.sample_every=0"]
-    run_pipeline(_job(straight, "stages.0.num_steps=4", "checkpoint.every=4", *lean), straight)
-    run_pipeline(_job(split, "stages.0.num_steps=2", "checkpoint.every=2", *lean), split)
-    run_pipeline(_job(split, "stages.0.num_steps=4", "checkpoint.every=2", *lean), split)
-    weights = "0-soar/transformer/diffusion_pytorch_model.safetensors"
-    a, b = load_file(straight / weights), load_file(split / weights)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert [r["step"] for r in _rows(split)] == [1, 2, 3, 4]
-
-
 def _rank_inputs(job, num_ranks, batch_size):
     """Per-rank SoarInputs drawn once here, so every engine trains on the same points."""
     model = build_sd3(job)
@@ -103,17 +94,53 @@ def _concat(inputs):
                       False, points)  # fmt: skip
 
 
-def _distributed_step(job, inputs):
+def _distributed_step(job, inputs, then=None):
+    """The metrics and rank 0's weights of one step of a learner group on per-rank inputs, taken
+    after a step every rank must skip (the last rank's latents made NaN), so they equal a fresh
+    engine's first step only if the skip left weights, AdamW state and LR schedule untouched.
+    `then(group)` runs before the group goes; on the way the rendezvous is checked."""
     topology = create_topology(job.cluster)
     group = LearnerGroup(job, topology)
     try:
+        _assert_rendezvous_on_loopback(group)
         group.call(Learner.setup_stage, 0)
-        metrics = group.get(group.scatter(Learner.train, [(x,) for x in inputs]))[0]
+        before = ray.get(group.first(Learner.export_weights))
+        poisoned = [*inputs[:-1], dataclasses.replace(inputs[-1], z0=inputs[-1].z0 * math.nan)]
+        skipped = group.get(group.scatter(Learner.train, [(x,) for x in poisoned]))
+        counts = [(m["skipped_steps"], m["skipped_steps_in_a_row"]) for m in skipped]
+        assert counts == [(1, 1)] * len(inputs)
+        after = ray.get(group.first(Learner.export_weights))
+        assert all(torch.equal(before[name], after[name]) for name in before)
+        trained = group.get(group.scatter(Learner.train, [(x,) for x in inputs]))
+        assert [m["skipped_steps"] for m in trained] == [0] * len(inputs)
         weights = ray.get(group.first(Learner.export_weights))
+        if then is not None:
+            then(group)
     finally:
         group.kill()
         topology.remove()
-    return metrics, weights
+    return trained[0], weights
+
+
+def _assert_rendezvous_on_loopback(group):
+    """Rank 0's rendezvous store listens on 127.0.0.1 only (torch's own would take "::", every
+    interface, IPv4 too)."""
+    host, port = group.rendezvous
+    listening = {c.laddr.ip for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
+    assert (host, listening) == ("127.0.0.1", {"127.0.0.1"})
+
+
+def _reload_checkpoint(group, folder, plant):
+    """Save the group's checkpoint and load it back (every file weights-only), then load it with
+    the last rank's state file planted with code: refused in one line naming that file."""
+    group.call(Learner.save_checkpoint, str(folder))
+    group.call(Learner.load_checkpoint, str(folder))
+    planted = folder / f"rank-{group.world_size - 1:05d}.pt"
+    plant(planted, folder / "ran")
+    with pytest.raises(UnsafeCheckpointError, match=f"^{planted}: refused to load: it holds "):
+        group.call(Learner.load_checkpoint, str(folder))
+    assert not (folder / "ran").exists()
 
 
 def _reference_step(job, inputs):
@@ -131,10 +158,11 @@ def _assert_same_weights(weights, reference):
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_zero_step_matches_the_single_process_reference(ray_local, tmp_path, zero_stage):
+def test_zero_step_matches_the_single_process_reference(ray_local, tmp_path, zero_stage, plant):
     job = _job(tmp_path, f"deepspeed.zero_stage={zero_stage}", "cluster.num_rollout_workers=0")
     inputs = _rank_inputs(job, num_ranks=2, batch_size=2)
-    metrics, weights = _distributed_step(job, inputs)
+    reload = partial(_reload_checkpoint, folder=tmp_path / "learners", plant=plant)
+    metrics, weights = _distributed_step(job, inputs, then=reload)
     ref_metrics, reference = _reference_step(job, inputs)
     assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-5)
     assert metrics["grad_norm"] == pytest.approx(ref_metrics["grad_norm"], rel=1e-4)

@@ -8,6 +8,8 @@ any other Python reference and no method is forwarded by hand through the layers
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,7 +23,6 @@ from soar_ray.build import (
     learner_components,
     learner_device,
 )
-from soar_ray.cluster.session import free_port
 from soar_ray.config import JobConfig
 from soar_ray.workers.engine import init_distributed
 from soar_ray.workers.learner import Learner
@@ -37,17 +38,28 @@ class LearnerActor:
     def __init__(self, job: JobConfig, rank: int, world_size: int) -> None:
         self.job, self.rank, self.world_size = job, rank, world_size
         self.learner: Learner | None = None
+        self.rendezvous: socket.socket | None = None
         torch.manual_seed(job.seed)
 
-    def master_address(self) -> tuple[str, int]:
-        """This node's address and a free port for the process group (asked of rank 0)."""
-        host = ray.util.get_node_ip_address()
-        return host, free_port(host)
+    def node(self) -> tuple[str, str, int]:
+        """(Ray node id, node address, process id) of this learner."""
+        return (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
+                os.getpid())  # fmt: skip
+
+    def listen(self, host: str) -> int:
+        """Bind and listen on a free port of `host` for the process group's rendezvous store
+        (rank 0); the socket is held until `init_process_group` serves the store on it."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.rendezvous = socket.create_server((host, 0), family=family)
+        return self.rendezvous.getsockname()[1]
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
         job = self.job
         backend = "nccl" if job.cluster.gpus_per_learner > 0 else "gloo"
-        init_distributed(self.rank, self.world_size, master_addr, master_port, backend=backend,
+        # The store takes over the socket's file descriptor.
+        listen_fd = self.rendezvous.detach() if self.rendezvous is not None else None
+        init_distributed(self.rank, self.world_size, master_addr, master_port,
+                         listen_fd=listen_fd, backend=backend,
                          timeout_s=job.cluster.start_timeout_s)  # fmt: skip
         model = build_sd3(job, learner_device(job), components=learner_components(job))
         self.learner = build_learner(job, model, rank=self.rank, world_size=self.world_size)

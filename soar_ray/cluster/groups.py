@@ -4,22 +4,55 @@ placement group and named by role (`learner-0`, `rollout-1`, ...) for the dashbo
 Both offer the same few generic calls over a worker method (`Learner.train`,
 `RolloutWorker.load_weights`, ...): `submit` returns object refs at once, so the driver can keep
 sampling while the learners train; `call` waits for the results.
+
+Learner liveness: every learner call is timed per method; once a method has 3 timings, waiting
+for it is bounded by max(`cluster.stall_timeout_s`, 10 x its median), at most
+`cluster.call_timeout_s`. A learner past that bound, or one that died, stops the run with
+`LearnerFailed` naming the learner (its actor name on the dashboard), its process and node.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from itertools import cycle
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from soar_ray.cluster.actors import LearnerActor, RolloutActor
 from soar_ray.cluster.placement import Topology, learner_resources, rollout_resources
 from soar_ray.config import JobConfig
+from soar_ray.errors import LearnerFailed, RunStopped
 
 Method = Callable[..., Any]
+STALL_FACTOR = 10
+"""A learner call slower than this many times its method's median is stalled (at least
+`cluster.stall_timeout_s`)."""
+TIMED_CALLS = 3
+"""Timings of a method before its calls get a deadline from them."""
+KILL_WAIT_S = 60.0
+
+
+def kill_actors(actors: Sequence[ray.actor.ActorHandle]) -> None:
+    """Kill the actors and wait until they are gone: a name is free again only once its actor
+    is dead, and a run that restarts creates actors of the same names at once."""
+    for actor in actors:
+        ray.kill(actor)
+    deadline = time.monotonic() + KILL_WAIT_S
+    for actor in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=1.0)
+            except RayActorError:
+                break
+            except GetTimeoutError:
+                continue
+            time.sleep(0.05)
 
 
 def placement(topology: Topology, bundle: int, resources: dict[str, float], name: str) -> dict:
@@ -46,12 +79,20 @@ class LearnerGroup:
             .remote(job, rank, self.world_size)
             for rank, bundle in enumerate(topology.learner_bundles)
         ]  # fmt: skip
-        self.timeout_s = cluster.call_timeout_s
+        self.timeout_s, self.stall_timeout_s = cluster.call_timeout_s, cluster.stall_timeout_s
+        self._timings: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=50))
+        self._started: dict[ray.ObjectRef, tuple[str, float]] = {}
         try:
-            # Rank 0's node hosts the rendezvous; every rank joins with the same address and port.
-            master_addr, master_port = ray.get(self.actors[0].master_address.remote(),
-                                               timeout=cluster.start_timeout_s)  # fmt: skip
-            ray.get([a.init_process_group.remote(master_addr, master_port) for a in self.actors],
+            nodes = ray.get([actor.node.remote() for actor in self.actors],
+                            timeout=cluster.start_timeout_s)  # fmt: skip
+            self.where = [f"learner-{rank} (pid {pid} on {address})"
+                          for rank, (_, address, pid) in enumerate(nodes)]  # fmt: skip
+            # Rank 0 serves the rendezvous store, on loopback when every learner shares its node,
+            # else on its node's address: never on all interfaces.
+            host = "127.0.0.1" if len({node_id for node_id, *_ in nodes}) == 1 else nodes[0][1]
+            port = ray.get(self.actors[0].listen.remote(host), timeout=cluster.start_timeout_s)
+            self.rendezvous = (host, port)  # where rank 0's store listens
+            ray.get([a.init_process_group.remote(host, port) for a in self.actors],
                     timeout=cluster.start_timeout_s)  # fmt: skip
         except BaseException:
             self.kill()  # a half-formed group holds its bundles for nothing
@@ -59,14 +100,21 @@ class LearnerGroup:
 
     def submit(self, method: Method, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """`method(learner, *args)` on every rank; refs at once (collectives need every rank)."""
-        return [actor.call.remote(method, *args, **kwargs) for actor in self.actors]
+        return self._timed(method, [actor.call.remote(method, *args, **kwargs)
+                                    for actor in self.actors])  # fmt: skip
 
     def scatter(self, method: Method, per_rank: Sequence[tuple]) -> list[ray.ObjectRef]:
         """`method(learner, *per_rank[r])` on rank r; refs at once. Object refs among the
         arguments arrive resolved, so each rank fetches only its own shard."""
         if len(per_rank) != self.world_size:
             raise ValueError(f"{len(per_rank)} shards for {self.world_size} learners")
-        return [actor.call.remote(method, *args) for actor, args in zip(self.actors, per_rank)]
+        return self._timed(method, [actor.call.remote(method, *args)
+                                    for actor, args in zip(self.actors, per_rank)])  # fmt: skip
+
+    def _timed(self, method: Method, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+        started = (method.__qualname__, time.monotonic())
+        self._started.update(dict.fromkeys(refs, started))
+        return refs
 
     def call(self, method: Method, *args: Any, **kwargs: Any) -> list[Any]:
         """Every rank's result of `method(learner, *args)`, waited for."""
@@ -76,14 +124,72 @@ class LearnerGroup:
         """Rank 0's result as a ref, once every rank is done (ZeRO-3 gathers are collective)."""
         refs = self.submit(method, *args, **kwargs)
         self.get(refs[1:])
+        self._started.pop(refs[0])
         return refs[0]
 
     def get(self, refs: Sequence[ray.ObjectRef]) -> list[Any]:
-        return ray.get(list(refs), timeout=self.timeout_s)
+        """The results of learner calls (refs from `submit` or `scatter`), waited for no longer
+        than the method's deadline. A learner's `RunStopped` (one line saying what to do) is
+        raised as itself, without the remote traceback around it; a learner that died or is past
+        the deadline raises `LearnerFailed` naming it."""
+        refs = list(refs)
+        if not refs:
+            return []
+        method, start = self._started[refs[0]]
+        for ref in refs:
+            self._started.pop(ref, None)
+        limit, pending = self.deadline(method), refs
+        while pending:  # one at a time: a dead learner is reported while the others wait on it
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(0.0, start + limit - time.monotonic()))  # fmt: skip
+            if not ready:
+                late = ", ".join(self.where[refs.index(ref) % self.world_size] for ref in pending)
+                raise LearnerFailed(
+                    f"{late}: no answer to {method} after {time.monotonic() - start:.0f} s (the "
+                    f"limit is max(cluster.stall_timeout_s {self.stall_timeout_s:g} s, "
+                    f"{STALL_FACTOR} x the median of its earlier calls), at most "
+                    f"cluster.call_timeout_s {self.timeout_s:g} s): a stopped or hung process, a "
+                    "stuck collective or a lost GPU; the run stops"
+                )
+            self._raise_failure(ready[0], method)
+        self._timings[method].append(time.monotonic() - start)
+        return ray.get(refs)
+
+    def _raise_failure(self, ref: ray.ObjectRef, method: str) -> None:
+        """Raise what a finished call failed with: a learner's `RunStopped` as itself, a dead
+        learner as `LearnerFailed` naming it, anything else as Ray raises it."""
+        try:
+            ray.get(ref)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, RunStopped):
+                raise exc.cause from None
+            raise
+        except RayActorError as exc:
+            rank = self._rank_of(exc)
+            who = self.where[rank] if rank is not None else "a learner"
+            raise LearnerFailed(
+                f"{who} died during {method} ({type(exc).__name__}); the learners cannot go on "
+                "without it and the run stops"
+            ) from None
+
+    def deadline(self, method: str) -> float:
+        """Seconds a call of `method` may take: `call_timeout_s` until it has been timed
+        `TIMED_CALLS` times, then max(stall_timeout_s, STALL_FACTOR x its median), capped."""
+        timings = self._timings[method]
+        if len(timings) < TIMED_CALLS:
+            return self.timeout_s
+        stalled = max(self.stall_timeout_s, STALL_FACTOR * statistics.median(timings))
+        return min(self.timeout_s, stalled)
+
+    def _rank_of(self, exc: RayActorError) -> int | None:
+        actor_id = getattr(exc, "actor_id", None)
+        for rank, actor in enumerate(self.actors):
+            if actor_id is not None and actor._actor_id.hex() == actor_id:
+                return rank
+        return None
 
     def kill(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        kill_actors(self.actors)
 
 
 class RolloutPool:
@@ -122,5 +228,4 @@ class RolloutPool:
         return ray.get(self.broadcast(method, *args), timeout=self.timeout_s)
 
     def kill(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        kill_actors(self.actors)

@@ -5,6 +5,8 @@ Token authentication (Ray 2.60): a local `ray.init()` cluster turns it on by its
 token (~/.ray/auth_token unless RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH give one); a `ray start` head
 turns it on when a token exists. A client of such a cluster (this process, `ray job submit`) must
 export RAY_AUTH_MODE=token and the same token. A Ray job's entrypoint inherits both from the head.
+Ray writes a new token file with the process umask (often world-readable); `start_local` makes
+one it wrote readable by this user only (mode 0600).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray.exceptions import AuthenticationError
@@ -26,6 +29,8 @@ TOKEN_HINT = (
     "a wrong token fails the same way"
 )
 PROBE_TIMEOUT_S = 5.0
+DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
+"""Where Ray reads, and a local `ray.init()` writes, the token when no variable names one."""
 
 
 class RayConnectionError(ConnectionError):
@@ -112,9 +117,14 @@ def connect(address: str, source: str) -> RaySession:
 
 
 def start_local() -> RaySession:
-    """An embedded single-node Ray with this machine's CPUs and GPUs, gone when the run ends."""
+    """An embedded single-node Ray with this machine's CPUs and GPUs, gone when the run ends;
+    a token file Ray makes for it is set to mode 0600."""
+    had_token = DEFAULT_TOKEN_PATH.exists()
     # "local" always starts a new instance; None would join a `ray start` cluster on this host.
     context = ray.init(address="local")
+    if not had_token and DEFAULT_TOKEN_PATH.exists():
+        # Whoever reads the token can run code on the cluster: this user only.
+        DEFAULT_TOKEN_PATH.chmod(0o600)
     return describe_ray(started_here=True, dashboard_url=context.dashboard_url)
 
 

@@ -44,8 +44,17 @@ def _read_job_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
         where = f" (extended by {chain[-1]})" if chain else ""
         raise ConfigError(f"{path}: job file not found{where}")
+    raw = path.read_bytes()
     try:
-        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8: byte offset {exc.start} (line {line}): {exc.reason}; "
+            "save the job file as UTF-8"
+        ) from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(tree, dict):

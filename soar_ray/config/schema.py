@@ -155,6 +155,10 @@ class ClusterConfig(Section):
     """Seconds to wait for the placement group and actors to start."""
     call_timeout_s: PosFloat = 3600.0
     """Seconds one remote call (train step, rollout, scoring) may take."""
+    stall_timeout_s: PosFloat = 300.0
+    """Least seconds before a learner call timed 3 times is stalled (else 10 x its median)."""
+    max_job_restarts: NonNegInt = 0
+    """Times the run resumes by itself from its last checkpoint after a learner dies or stalls."""
     max_actor_restarts: NonNegInt = 3
     """Restarts of a failed rollout or reward actor before the job fails."""
     max_task_retries: NonNegInt = 3
@@ -369,6 +373,13 @@ class JobConfig(Section):
                 raise ValueError(
                     f"stages.{i}.ema.enabled: EMA needs whole parameters on every rank; use "
                     "deepspeed.zero_stage <= 2 or turn the stage's EMA off"
+                )
+            skips = stage.optimizer.on_nonfinite == "skip_step"
+            if skips and engine.zero_stage == 0 and engine.precision == "fp32":
+                raise ValueError(
+                    f"stages.{i}.optimizer.on_nonfinite: 'skip_step' needs deepspeed.zero_stage "
+                    ">= 1 (or bf16 / fp16): DeepSpeed's plain ZeRO-0 fp32 optimizer applies a "
+                    "non-finite gradient"
                 )
         if engine.offload_params and engine.zero_stage != 3:
             raise ValueError("deepspeed.offload_params: needs deepspeed.zero_stage 3")

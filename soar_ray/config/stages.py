@@ -63,6 +63,8 @@ class OptimizerConfig(Section):
     """`constant`, or `warmup`: linear from 0 over `warmup_steps`, then constant."""
     warmup_steps: NonNegInt = 0
     """Optimizer steps of linear warm-up; needs `lr_schedule: warmup`."""
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    """Non-finite loss or grad norm: stop the run, or skip that step (and stop at 5 in a row)."""
 
     @model_validator(mode="after")
     def _check_warmup(self) -> OptimizerConfig:

@@ -7,7 +7,9 @@ image at `image_dir/{md5}.jpg`; (bw, bh) is the bucket, in pixels, that the imag
 Bad rows: every row is checked while the index is built (JSON, keys, types, bucket positive and a
 multiple of `size_multiple`, image file present and its header readable). `on_bad_sample="error"`
 raises a ValueError naming the file, the 1-based line and the problem; `"skip"` drops the row,
-counts it by reason in `skipped` and logs a one-line summary.
+counts it by reason in `skipped` and logs a one-line summary. `build_index(open_images=False)`
+checks the rows and that their images exist without opening any: the quick check `soar-ray run`
+makes before Ray starts.
 
 Corrupt image data (design choice): a header check cannot see a truncated or damaged JPEG body.
 With `verify_images=True` (`data.verify_images: true` in a job) every image is fully decoded
@@ -33,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 BAD_SAMPLE_MODES = ("error", "skip")
 # Exceptions PIL raises for unreadable, truncated or hostile image files.
-_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,14 @@ def _check_image(path: Path, full_decode: bool) -> None:
         with Image.open(path) as img:
             if full_decode:
                 img.load()
-    except _IMAGE_ERRORS as e:
+    except IMAGE_ERRORS as e:
         raise _BadRow("unreadable_image", f"image {path} is unreadable ({e})") from e
 
 
 def _parse_row(
-    raw: bytes, image_dir: Path, caption_key: str, size_multiple: int, verify_images: bool
-) -> tuple[str, str, int, int, Path]:
+    raw: bytes, image_dir: Path, caption_key: str, size_multiple: int, open_images: bool,
+    verify_images: bool,
+) -> tuple[str, str, int, int, Path]:  # fmt: skip
     """Validate one JSONL line; returns (md5, caption, bw, bh, image_path) or raises _BadRow."""
     try:
         line = raw.decode("utf-8")
@@ -97,7 +100,8 @@ def _parse_row(
     image_path = image_dir / f"{md5}.jpg"
     if not image_path.is_file():
         raise _BadRow("missing_image", f"image {image_path} does not exist")
-    _check_image(image_path, full_decode=verify_images)
+    if open_images:
+        _check_image(image_path, full_decode=verify_images)
     return md5, obj[caption_key], bw, bh, image_path
 
 
@@ -107,11 +111,13 @@ def build_index(
     *,
     size_multiple: int = 16,
     on_bad_sample: str = "error",
+    open_images: bool = True,
     verify_images: bool = False,
     max_samples: int | None = None,
     caption_key: str = "caption_en",
 ) -> tuple[list[Row], Counter[str]]:
-    """Read and validate the JSONL index; returns the kept rows and skip counts by reason."""
+    """Read and validate the JSONL index; returns the kept rows and skip counts by reason.
+    `open_images=False` leaves image headers (and `verify_images`) unchecked."""
     if on_bad_sample not in BAD_SAMPLE_MODES:
         raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_MODES}, got {on_bad_sample!r}")
     if size_multiple <= 0:
@@ -127,7 +133,8 @@ def build_index(
             if not raw.strip():
                 continue
             try:
-                fields = _parse_row(raw, image_dir, caption_key, size_multiple, verify_images)
+                fields = _parse_row(raw, image_dir, caption_key, size_multiple, open_images,
+                                    verify_images)  # fmt: skip
             except _BadRow as bad:
                 if on_bad_sample == "error":
                     raise ValueError(f"{jsonl_path}:{line_no}: {bad}") from bad
@@ -212,7 +219,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         try:
             with Image.open(row.image_path) as img:
                 img = img.convert("RGB")
-        except _IMAGE_ERRORS as e:
+        except IMAGE_ERRORS as e:
             raise ValueError(
                 f"{self.jsonl_path}:{row.line_no}: image {row.image_path} failed to decode ({e}); "
                 "set data.verify_images: true to find such rows before training starts"

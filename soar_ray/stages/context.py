@@ -15,7 +15,7 @@ from soar_ray.cluster.groups import LearnerGroup, RolloutPool
 from soar_ray.cluster.placement import Topology, create_topology
 from soar_ray.cluster.rewards import RewardPool
 from soar_ray.cluster.weights import ObjectStoreWeightSync
-from soar_ray.config import JobConfig, dump_config
+from soar_ray.config import ConfigError, JobConfig, dump_config
 from soar_ray.data.prompts import load_text_prompts
 from soar_ray.metrics import MetricsLogger, save_image_grid
 from soar_ray.workers.learner import Learner
@@ -25,11 +25,15 @@ LEARNERS_DIR = "learners"
 
 
 def sample_prompts(job: JobConfig) -> list[str]:
-    """The prompts of the fixed-noise sample grids: `logging.sample_prompts_file` when set."""
+    """The prompts of the fixed-noise sample grids: `logging.sample_prompts_file` when set (a
+    bad line of it is a ConfigError naming the field, file and line)."""
     cfg = job.logging
     prompts = cfg.sample_prompts
     if cfg.sample_prompts_file is not None:
-        prompts = [p.text for p in load_text_prompts(cfg.sample_prompts_file)]
+        try:
+            prompts = [p.text for p in load_text_prompts(cfg.sample_prompts_file)]
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"logging.sample_prompts_file: {exc}") from None
     return prompts[: cfg.num_sample_prompts]
 
 

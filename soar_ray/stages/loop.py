@@ -1,6 +1,6 @@
 """The schedule every stage driver shares: resume, the progress bar, and after each iteration
-(a SOAR step, a GRPO epoch) the checkpoint, the metrics record and the sample grid at their
-configured intervals."""
+(a SOAR step, a GRPO epoch) the divergence check, then the checkpoint, the metrics record and the
+sample grid at their configured intervals."""
 
 from __future__ import annotations
 
@@ -17,7 +17,11 @@ from soar_ray.errors import NonFiniteError
 from soar_ray.stages.context import StageContext
 
 FINITE_METRICS = ("loss", "policy_loss", "kl", "grad_norm")
-"""Metrics a step must keep finite: a NaN or inf stops the run before its state is saved."""
+"""Metrics a step must keep finite: a NaN or inf stops the run before its state is saved
+(`optimizer.on_nonfinite: stop`)."""
+MAX_SKIPPED_IN_A_ROW = 5
+"""`on_nonfinite: skip_step` stops the run at this many skipped optimizer steps in a row: the
+model has diverged rather than met one bad batch."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class StageLoop:
         self.ctx, self.stage_index, self.total = ctx, stage_index, total
         self.name = job.stage_names[stage_index]
         self.checkpoint_every = stage.checkpoint_every or job.checkpoint.every
+        self.on_nonfinite = stage.optimizer.on_nonfinite
         self.step, self.version = 0, start.version
         if start.resume is not None:
             state = ctx.restore(start.resume)
@@ -69,7 +74,7 @@ class StageLoop:
         """Progress bar, then checkpoint, metrics record and sample grid where they are due."""
         job = self.ctx.job
         metrics["policy_version"] = self.version
-        self._check_finite(metrics)
+        self._check_divergence(metrics)
         self.bar.update()
         self.bar.set_postfix(postfix)
         if self.due(self.checkpoint_every):
@@ -81,21 +86,38 @@ class StageLoop:
         if render is not None and self.due(job.logging.sample_every):
             render()
 
-    def _check_finite(self, metrics: dict[str, Any]) -> None:
-        """Stop at a non-finite loss or gradient norm, before a checkpoint can keep the state
-        (so no checkpoint of a diverged model rotates the good ones out); the step's record is
-        logged first."""
-        bad = {key: metrics[key] for key in FINITE_METRICS
-               if key in metrics and not math.isfinite(metrics[key])}  # fmt: skip
-        if not bad:
-            return
+    def _check_divergence(self, metrics: dict[str, Any]) -> None:
+        """Stop at a non-finite loss or gradient norm (`stop`), or count the optimizer steps the
+        learners skipped for one and stop at `MAX_SKIPPED_IN_A_ROW` in a row (`skip_step`).
+        A stop comes before a checkpoint can keep the state (so no checkpoint of a diverged
+        model rotates the good ones out); the step's record is logged first."""
+        skipped = metrics.get("skipped_steps", 0)
+        if self.on_nonfinite == "skip_step":
+            # The learners applied no step with a non-finite loss or gradient: the state is good.
+            if skipped:
+                tqdm.write(f"soar-ray: stage {self.name} step {self.step}: skipped {skipped} "
+                           "optimizer step(s) with a non-finite loss or gradient norm "
+                           f"({metrics['skipped_steps_in_a_row']} in a row)")  # fmt: skip
+            if metrics.get("skipped_steps_in_a_row", 0) < MAX_SKIPPED_IN_A_ROW:
+                return
+            what = f"{MAX_SKIPPED_IN_A_ROW} optimizer steps in a row were skipped"
+            other = ""
+        else:
+            bad = {key: metrics[key] for key in FINITE_METRICS
+                   if key in metrics and not math.isfinite(metrics[key])}  # fmt: skip
+            if not bad and not skipped:
+                return
+            what = ", ".join(f"{key} {value}" for key, value in bad.items()) or (
+                f"{skipped} optimizer step(s) skipped for a non-finite loss or gradient"
+            )
+            other = "; for one bad batch, resume with optimizer.on_nonfinite: skip_step instead"
         self.ctx.log(self.name, self.step, metrics)
         latest = self.ctx.checkpoints.latest()
-        values = ", ".join(f"{key} {value}" for key, value in bad.items())
         raise NonFiniteError(
-            f"stage {self.name} step {self.step}: {values}; the run stops without saving this "
-            f"state. The last checkpoint is {latest or 'none'}: lower optimizer.lr (or "
-            "optimizer.grad_clip) and run again, checkpoint.resume: auto continues from it"
+            f"stage {self.name} step {self.step}: {what}; the run stops without saving this "
+            f"state (last checkpoint: {latest or 'none'}). Lower optimizer.lr (or "
+            "optimizer.grad_clip) and start over with checkpoint.resume: never, since a resume "
+            f"keeps its checkpoint's optimizer settings{other}"
         )
 
     def close(self) -> StageResult:

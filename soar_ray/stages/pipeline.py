@@ -1,10 +1,17 @@
 """Runs a job's stages in order on one Ray topology (SPEC §4), each by its registered driver.
 
+Before any actor starts: the checkpoint to resume from is chosen and verified (checkpoint.py),
+the job's settings are checked against it and metrics.jsonl goes back to it (resume.py).
+
 A stage's driver is found by `stage.algorithm` in `STAGES`: `check` runs before any actor starts
 (bad input is one clear line), `run` trains the stage on the shared `StageContext`. Between
 stages the finished stage's output (EMA where enabled, LoRA merged) becomes the live weights, the
 next stage gets fresh engines on them, the rollout workers receive them in full, and the policy
 version keeps counting.
+
+A learner that dies or stalls (`LearnerFailed`) ends the attempt: the actors go, and with
+`cluster.max_job_restarts` left the run starts again from the last complete checkpoint
+(`resume: auto`); otherwise it stops, naming the checkpoint `resume: auto` continues from.
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ from pathlib import Path
 
 from soar_ray.checkpoint import CheckpointManager, read_state, resolve_resume
 from soar_ray.config import ConfigError, JobConfig
+from soar_ray.errors import LearnerFailed
 from soar_ray.stages.context import StageContext
 from soar_ray.stages.grpo import check_grpo_stage, run_grpo_stage
 from soar_ray.stages.loop import StageResult, StageStart
+from soar_ray.stages.resume import check_resume_settings, rewind_metrics
 from soar_ray.stages.soar import check_soar_stage, run_soar_stage
 
 
@@ -47,14 +56,45 @@ def check_pipeline(job: JobConfig) -> None:
 
 
 def run_pipeline(job: JobConfig, run_dir: Path) -> list[Path]:
-    """Every stage's exported transformer folder, in stage order."""
+    """Every stage's exported transformer folder, in stage order; after a learner failure, up to
+    `cluster.max_job_restarts` more attempts, each resuming from the last complete checkpoint."""
     check_pipeline(job)
+    restarts = job.cluster.max_job_restarts
+    for attempt in range(restarts + 1):
+        try:
+            return run_attempt(job, run_dir)
+        except LearnerFailed as exc:
+            point = resume_point(job)
+            if attempt == restarts:
+                raise LearnerFailed(
+                    f"{exc}; checkpoint.resume: auto continues from {point}"
+                ) from None
+            print(f"soar-ray: {exc}; restarting from {point} (restart {attempt + 1} of {restarts})")
+            job = job.model_copy(update={"checkpoint": job.checkpoint.model_copy(
+                update={"resume": "auto"})})  # fmt: skip
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def resume_point(job: JobConfig) -> str:
+    """Where `resume: auto` would continue, in words (before verifying it)."""
+    latest = CheckpointManager(job.checkpoint_path, job.checkpoint.keep_last).latest()
+    state = read_state(latest) if latest is not None else None
+    if state is None:
+        return "the start (no checkpoint was written yet)"
+    return f"stage {state.stage_name} step {state.step} ({latest})"
+
+
+def run_attempt(job: JobConfig, run_dir: Path) -> list[Path]:
+    """One attempt of the run: resume point, actors, every stage from there."""
     checkpoints = CheckpointManager(job.checkpoint_path, job.checkpoint.keep_last)
     # Debris of an interrupted checkpoint goes first: after a full disk it is what fills it.
     for folder in checkpoints.remove_staging():
         print(f"soar-ray: removed {folder}, a checkpoint an earlier run did not finish writing")
     resume = resolve_resume(job.checkpoint.resume, checkpoints)
-    first = read_state(resume).stage_index if resume is not None else 0
+    state = read_state(resume) if resume is not None else None
+    if state is not None:
+        check_resume_settings(job, resume, state)
+    first = state.stage_index if state is not None else 0
     outputs = [run_dir / name / "transformer" for name in job.stage_names[:first]]
     if first > 0 and not (outputs[-1] / "config.json").is_file():
         raise FileNotFoundError(
@@ -63,6 +103,7 @@ def run_pipeline(job: JobConfig, run_dir: Path) -> list[Path]:
             "resume from an earlier checkpoint (checkpoint.resume: <path>) or start over "
             "(checkpoint.resume: never)"
         )
+    rewind_metrics(job, run_dir, state)
     ctx = StageContext(job, run_dir)
     try:
         if first > 0:

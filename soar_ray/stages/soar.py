@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import ray
 
-from soar_ray.build import build_dataset, build_sampler
+from soar_ray.build import build_dataset, build_sampler, data_errors
 from soar_ray.config import JobConfig
+from soar_ray.data.dataset import build_index
 from soar_ray.data.loader import iter_batches
 from soar_ray.stages.context import StageContext
 from soar_ray.stages.loop import StageLoop, StageResult, StageStart
@@ -46,7 +48,16 @@ class AuxPrefetcher:
 
 
 def check_soar_stage(job: JobConfig, stage_index: int) -> None:
-    """Nothing beyond the schema: a SOAR stage's inputs are checked by `validate_paths`."""
+    """Every row of `data.jsonl` parses and names an image that exists (else file:line of the
+    first bad one, with `on_bad_sample: error`), before any actor starts. The images themselves
+    are opened when the stage builds its index (decoded with `data.verify_images`)."""
+    data = job.data
+    if data.source != "jsonl":
+        return
+    with data_errors(job):
+        build_index(Path(data.jsonl), Path(data.image_dir), on_bad_sample=data.on_bad_sample,
+                    open_images=False, max_samples=data.max_samples,
+                    caption_key=data.caption_key)  # fmt: skip
 
 
 def run_soar_stage(ctx: StageContext, stage_index: int, start: StageStart) -> StageResult:

@@ -3,12 +3,20 @@
 `build_deepspeed_engine` wraps the trainable module in a DeepSpeed ZeRO engine (stage 0-3, bf16 /
 fp16 / fp32, optional CPU offload). `LocalEngine` is plain torch in one process: the in-process
 reference that distributed runs are checked against.
+
+Both refuse an optimizer step whose gradient norm is not finite (DeepSpeed's ZeRO 1-3, bf16 and
+fp16 optimizers through their overflow check, but not its plain ZeRO-0 fp32 optimizer;
+LocalEngine likewise): gradients are zeroed, weights, optimizer state and LR schedule stay as
+they were, and `was_step_applied()` says so. Checkpoint files are loaded with
+`weights_only=True` (`load_weights_only`): loading one cannot run code.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -17,6 +25,7 @@ from typing import Any
 import torch
 
 from soar_ray.config import DeepSpeedConfig, OptimizerConfig
+from soar_ray.errors import UnsafeCheckpointError
 
 
 def lr_factor(step: int, cfg: OptimizerConfig) -> float:
@@ -31,15 +40,23 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig):
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, *,
-                     backend: str, timeout_s: float) -> None:  # fmt: skip
-    """Join the learners' process group through DeepSpeed (nccl on GPU, gloo on CPU)."""
-    import deepspeed
+                     listen_fd: int | None, backend: str, timeout_s: float) -> None:  # fmt: skip
+    """Join the learners' process group (nccl on GPU, gloo on CPU), then hand it to DeepSpeed.
 
-    os.environ.update(
-        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK="0",  # one device per actor: Ray sets its view
-    )  # fmt: skip
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    Rank 0 serves the rendezvous store on `listen_fd`, a socket it bound to `master_addr`:
+    torch's env:// rendezvous would make its own server socket listen on every interface.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0,
+                          timeout=timeout, master_listen_fd=listen_fd)  # fmt: skip
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    # DeepSpeed reads the ranks from the environment and wraps the group that is already up;
+    # LOCAL_RANK 0: one device per actor, Ray sets its view.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 def deepspeed_config(engine: DeepSpeedConfig, optimizer: OptimizerConfig, *,
@@ -89,7 +106,28 @@ def build_deepspeed_engine(module: torch.nn.Module, params: list[torch.nn.Parame
         model=module, model_parameters=params, config=config,
         lr_scheduler=partial(make_lr_scheduler, cfg=optimizer),
     )  # fmt: skip
+    from soar_ray.workers.deepspeed_checkpoint import WeightsOnlyCheckpointEngine
+
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine.replacing(engine.checkpoint_engine)
     return engine
+
+
+def load_weights_only(path: str | Path, map_location: Any = None,
+                      allowed: tuple[type, ...] = ()) -> Any:  # fmt: skip
+    """torch.load that rebuilds tensors, plain containers and the `allowed` classes only, so a
+    planted checkpoint file cannot run code; anything else stops with one line naming the file."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch names the first refused Python object as "GLOBAL module.name".
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"the Python object {found.group(1)}" if found else "data weights_only refuses"
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds {what}, and checkpoints load with "
+            "weights_only=True (tensors and plain data only), so soar-ray did not write this "
+            "file or it was changed since; resume from another checkpoint"
+        ) from None
 
 
 class LocalEngine:
@@ -106,6 +144,7 @@ class LocalEngine:
         self.micro_steps = 0
         self.global_steps = 0
         self._grad_norm = math.nan
+        self._step_applied = False
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients; the loss is divided by the accumulation steps as DeepSpeed does."""
@@ -115,16 +154,24 @@ class LocalEngine:
         return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
 
     def step(self) -> None:
-        """Clip, update and zero the gradients at an accumulation boundary."""
+        """Clip, update and zero the gradients at an accumulation boundary; a non-finite
+        gradient norm skips the update as DeepSpeed's overflow check does."""
+        self._step_applied = False
         if self.is_gradient_accumulation_boundary():
             max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
             # Host sync: the norm is read back for logging once per optimizer step.
             self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-            self.optimizer.step()
-            self.lr_scheduler.step()
+            self._step_applied = math.isfinite(self._grad_norm)
+            if self._step_applied:
+                self.optimizer.step()
+                self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_steps += 1
         self.micro_steps += 1
+
+    def was_step_applied(self) -> bool:
+        """Whether the last `step()` updated the weights (False between boundaries)."""
+        return self._step_applied
 
     def get_global_grad_norm(self) -> float:
         return self._grad_norm
@@ -149,7 +196,7 @@ class LocalEngine:
         torch.save(state, path / "local_engine.pt")
 
     def load_checkpoint(self, load_dir: str | Path, tag: str) -> None:
-        state = torch.load(Path(load_dir) / tag / "local_engine.pt", weights_only=False)
+        state = load_weights_only(Path(load_dir) / tag / "local_engine.pt")
         with torch.no_grad():
             for param, saved in zip(self.params, state["params"], strict=True):
                 param.copy_(saved)

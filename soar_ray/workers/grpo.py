@@ -240,8 +240,7 @@ class GrpoStep:
                 std=std if mean_ref is not None else None, beta=stage.beta,
             )  # fmt: skip
             loss_B = terms.policy_B + stage.beta * terms.kl_B
-            learner.engine.backward(loss_B.sum() * weight)
-            learner.after_backward_step()
+            learner.backward_step(loss_B.sum() * weight)
             # Host sync once per backward: the detached sums for logging.
             sums += torch.stack([
                 terms.policy_B.detach().sum(), terms.kl_B.detach().sum(), terms.approx_kl_B.sum(),

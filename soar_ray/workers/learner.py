@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,12 @@ from soar_ray.models import SD3Model, add_lora, has_lora, merge_lora, save_trans
 from soar_ray.models import trainable_parameters as named_trainable
 from soar_ray.models.build import load_transformer
 from soar_ray.models.sd3 import move
-from soar_ray.workers.engine import LocalEngine, build_deepspeed_engine, deepspeed_config
+from soar_ray.workers.engine import (
+    LocalEngine,
+    build_deepspeed_engine,
+    deepspeed_config,
+    load_weights_only,
+)
 from soar_ray.workers.grpo import GrpoStep
 from soar_ray.workers.rollout import generate_images
 from soar_ray.workers.soar import SoarStep
@@ -122,6 +128,10 @@ class Learner:
         self.engine = self.ema = self.step = self.reference = None
         self.params: list[torch.nn.Parameter] = []
         self.generator = torch.Generator(self.device)
+        self.num_skipped = 0
+        """Optimizer steps skipped for a non-finite loss or gradient in the current `train`."""
+        self.num_skipped_in_a_row = 0
+        """Optimizer steps skipped since the last applied one (counted from `setup_stage`)."""
 
     # ---- stage lifecycle ----------------------------------------------------------------------
 
@@ -153,13 +163,19 @@ class Learner:
         # One stream per rank and stage: every draw of the step comes from it.
         self.generator.manual_seed(job.seed + self.rank + 7919 * stage_index)
         self.stage_index = stage_index
+        self.num_skipped_in_a_row = 0
         self.step = step_type(self, stage)
 
     def train(self, *inputs: Any) -> dict[str, float]:
         """One training call of the stage's algorithm (a SOAR step, a GRPO epoch's updates)."""
         if self.step is None:
             raise RuntimeError("setup_stage must be called before train")
-        return self.step.train(*inputs) | self.memory_metrics()
+        self.num_skipped = 0
+        metrics = self.step.train(*inputs)
+        return metrics | self.memory_metrics() | {
+            "skipped_steps": self.num_skipped,
+            "skipped_steps_in_a_row": self.num_skipped_in_a_row,
+        }  # fmt: skip
 
     def finish_stage(self) -> None:
         """Make the stage output (EMA where enabled, LoRA merged) the live weights of a plain
@@ -198,11 +214,29 @@ class Learner:
             return {}
         return {"gpu_peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
-    def after_backward_step(self) -> None:
-        """engine.step(), then the EMA update at an accumulation boundary."""
+    def backward_step(self, loss: torch.Tensor) -> None:
+        """Backward of this rank's loss, engine.step(), and at an accumulation boundary the EMA
+        update, or the count of a skipped step.
+
+        A non-finite loss is backpropagated times NaN, so its gradients are NaN even where the
+        loss's own backward would stay finite (an overflowed square): the engine's non-finite
+        gradient check, all-reduced over ranks, then refuses the whole step on every rank (every
+        engine but DeepSpeed's plain ZeRO-0 fp32 optimizer, which `skip_step` jobs may not use).
+        """
+        # Host sync: one bool per backward (the steps read their metrics back anyway).
+        if not torch.isfinite(loss.detach()).all():
+            loss = loss * math.nan
+        self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        if self.ema is not None and boundary:
+        if not boundary:
+            return
+        if not self.engine.was_step_applied():
+            self.num_skipped += 1
+            self.num_skipped_in_a_row += 1
+            return
+        self.num_skipped_in_a_row = 0
+        if self.ema is not None:
             self.ema.after_step(self.engine.global_steps)
 
     def optimizer_metrics(self) -> dict[str, float]:
@@ -293,7 +327,7 @@ class Learner:
     def load_checkpoint(self, folder: str | Path) -> None:
         folder = Path(folder)
         self.engine.load_checkpoint(str(folder), tag=ENGINE_TAG)
-        rank_state = torch.load(folder / f"rank-{self.rank:05d}.pt", weights_only=False)
+        rank_state = load_weights_only(folder / f"rank-{self.rank:05d}.pt")
         self.generator.set_state(rank_state["generator"])
         if self.ema is not None:
             self.ema.load_state_dict(rank_state["ema"])

@@ -97,8 +97,7 @@ class SoarStep:
         lam = self.hp.lambda_aux
         loss = normalize_soar_loss(losses.sum_main(), losses.sum_aux(), num_main, num_aux, lam,
                                    learner.world_size)  # fmt: skip
-        learner.engine.backward(loss)
-        learner.after_backward_step()
+        learner.backward_step(loss)
         return {
             "loss": (sum_main + lam * sum_aux) / max(num_main + lam * num_aux, 1.0),
             "loss_main": sum_main / max(num_main, 1.0),
