@@ -1,4 +1,4 @@
-"""`soar-ray run | prepare | config | eval | rewards`: the command line of soar_ray."""
+"""`soar-ray run | submit | prepare | config | eval | rewards`: the command line of soar_ray."""
 
 from __future__ import annotations
 
@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("config", cmd_config, "print the resolved config")
     from soar_ray.eval.command import add_eval_command
     from soar_ray.reward_commands import add_reward_commands
+    from soar_ray.submit import add_submit_command
 
+    add_submit_command(commands)
     add_eval_command(commands)
     add_reward_commands(commands)
     return parser

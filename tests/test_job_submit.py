@@ -127,7 +127,7 @@ def _stop(head: subprocess.Popen) -> None:
         head.wait()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[Head]:
     # A short folder of its own: Ray's unix socket paths under it must stay below 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="soar-ray-head-"))
@@ -159,6 +159,13 @@ def _job_status(head: Head, job_id: str) -> str:
     return _http_json(f"{head.dashboard_url}/api/jobs/{job_id}", head.token)["status"]
 
 
+def _soar_ray(head: Head, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """`soar-ray ...` from the repository root with the head's address and token."""
+    env = {**head.env, "RAY_API_SERVER_ADDRESS": head.dashboard_url}
+    return subprocess.run([BIN / "soar-ray", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout_s, cwd=REPO)  # fmt: skip
+
+
 def _ray_cli(head: Head, *args: str, timeout_s: float = 120) -> str:
     done = subprocess.run([BIN / "ray", *args], env=head.env, capture_output=True, text=True,
                           timeout=timeout_s, cwd=REPO)  # fmt: skip
@@ -177,10 +184,11 @@ def test_submitted_tiny_job_succeeds_with_logs_and_metrics(ray_head, soar_metric
         f"checkpoint.every={NUM_STEPS // 2}", "logging.sample_every=0",
         "logging.tensorboard=false", "data.synthetic.num_images=32",
     ]  # fmt: skip
-    entrypoint = ["soar-ray", "run", "jobs/tiny.yaml"] + [f"--set={o}" for o in overrides]
-    _ray_cli(ray_head, "job", "submit", f"--address={ray_head.dashboard_url}",
-             f"--working-dir={REPO}", f"--submission-id={job_id}", "--no-wait", "--",
-             *entrypoint)  # fmt: skip
+    submitted = _soar_ray(ray_head, "submit", "jobs/tiny.yaml", f"--submission-id={job_id}",
+                          *[f"--set={o}" for o in overrides])  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert f"soar-ray: submitted {job_id} ('tiny', run folder {run_dir})" in submitted.stdout
+    assert f"{ray_head.dashboard_url}/#/jobs/{job_id}" in submitted.stdout
 
     # Gauges leave the endpoint soon after the driver exits, so read them while it runs.
     seen: dict[str, float] = {}
@@ -201,3 +209,29 @@ def test_submitted_tiny_job_succeeds_with_logs_and_metrics(ray_head, soar_metric
     assert len(rows) == NUM_STEPS
     assert seen.keys() >= REQUIRED_METRICS, sorted(seen)
     assert 1 <= seen["soar_ray_step"] <= NUM_STEPS
+
+
+@pytest.mark.slow
+def test_submit_follows_the_job_to_its_outcome_and_checks_it_first(ray_head, tmp_path):
+    # Bad input never reaches the cluster: one line, exit 2, nothing submitted.
+    jobs_before = _http_json(f"{ray_head.dashboard_url}/api/jobs/", ray_head.token)
+    relative = _soar_ray(ray_head, "submit", "jobs/tiny.yaml")
+    assert relative.returncode == 2 and "Traceback" not in relative.stderr
+    assert relative.stderr.startswith("soar-ray: error: output_dir: 'runs/{name}' is relative")
+    unknown = _soar_ray(ray_head, "submit", "jobs/tiny.yaml", f"--set=output_dir={tmp_path}",
+                        "--set=stages.0.lr=3")  # fmt: skip
+    assert unknown.returncode == 2 and "stages.0.lr: unknown key" in unknown.stderr
+    assert _http_json(f"{ray_head.dashboard_url}/api/jobs/", ray_head.token) == jobs_before
+    # --follow streams the logs and exits with the job's outcome: success, then a failure.
+    fast = [f"--set=output_dir={tmp_path / 'run'}", "--set=stages.0.num_steps=2",
+            "--set=cluster.num_learners=1", "--set=cluster.num_rollout_workers=0",
+            "--set=logging.sample_every=0", "--set=data.synthetic.num_images=8"]  # fmt: skip
+    done = _soar_ray(ray_head, "submit", "jobs/tiny.yaml", "--follow", *fast)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert "soar-ray: stage 0-soar ->" in done.stdout and done.stdout.rstrip().endswith("SUCCEEDED")
+    # A topology larger than the cluster passes the local checks and fails on the cluster (the
+    # driver there checks it before any actor): submit says so and exits 1.
+    failed = _soar_ray(ray_head, "submit", "jobs/tiny.yaml", "--follow", *fast,
+                       f"--set=output_dir={tmp_path / 'big'}", "--set=cluster.num_learners=64")  # fmt: skip
+    assert failed.returncode == 1, failed.stdout[-3000:]
+    assert "cluster.num_learners" in failed.stdout and failed.stdout.rstrip().endswith("FAILED")
