@@ -21,3 +21,8 @@ class UnsafeCheckpointError(RunStopped):
 
 class LearnerFailed(RunStopped):
     """A learner died or stopped answering; the group cannot go on without it."""
+
+
+class WorkerRestarted(RuntimeError):
+    """A rollout worker that Ray restarted was given work before the driver restored its stage
+    and weights (it would have answered with the pretrained model)."""

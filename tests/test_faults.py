@@ -2,7 +2,10 @@
 gloo): a learner stopped with SIGSTOP is reported stalled, by name, within its deadline, and the
 run stops saying where `resume: auto` continues; a learner killed with SIGKILL under
 `cluster.max_job_restarts` makes the run restart from its last checkpoint and finish, with one
-metrics row per step."""
+metrics row per step; a rollout worker killed with SIGKILL is restored (stage, weights) and its
+lost calls rerun, so GRPO and disaggregated SOAR finish every step, while a worker's own exception
+still stops the run; a disk that fills during a checkpoint stops the run and the next run removes
+the debris and resumes from the checkpoint before."""
 
 import json
 import os
@@ -96,3 +99,150 @@ def test_a_killed_learner_restarts_the_run_from_its_last_checkpoint(ray_local, t
     # The rows past the checkpoint the first attempt wrote are taken back: one row per step.
     assert _steps(tmp_path) == list(range(1, 15))
     assert (result["outputs"][0] / "config.json").is_file()
+
+
+# ---- rollout workers: restarted by Ray, restored by the pool -------------------------------------
+
+
+def _rollout_pid(name="rollout-0"):
+    return ray.get(ray.get_actor(name).pid.remote(), timeout=60)
+
+
+def _kill_after(run_dir, step, name="rollout-0", timeout_s=180):
+    """SIGKILL the rollout worker `name` once the run has logged `step`; returns its pid."""
+    deadline = time.monotonic() + timeout_s
+    while max(_steps(run_dir), default=0) < step:
+        assert time.monotonic() < deadline, f"the run did not reach step {step}"
+        time.sleep(0.05)
+    pid = _rollout_pid(name)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_a_killed_rollout_worker_is_restored_and_the_grpo_stage_finishes(ray_local, tmp_path,
+                                                                          capsys):  # fmt: skip
+    from soar_ray.build import build_sd3
+    from soar_ray.stages.context import StageContext
+    from soar_ray.stages.grpo import run_grpo_stage
+    from soar_ray.stages.loop import StageStart
+    from soar_ray.workers.learner import Learner
+    from soar_ray.workers.rollout import RolloutWorker
+
+    job = load_job("jobs/tiny_grpo.yaml", [
+        f"output_dir={tmp_path}", *FAST, "stages.0.num_epochs=4", "stages.0.eval_every=0",
+        "stages.0.ema.enabled=false", "stages.0.checkpoint_every=1000", "checkpoint.every=1000",
+        "cluster.num_rollout_workers=2",
+    ])  # fmt: skip
+    ctx = StageContext(job, tmp_path)
+    try:
+        ctx.start_stage(0, handoff=False)
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(
+            out=run_grpo_stage(ctx, 0, StageStart(None, 0))), daemon=True)  # fmt: skip
+        thread.start()
+        pid = _kill_after(tmp_path, 1)
+        thread.join(timeout=300)
+        assert not thread.is_alive() and "out" in result
+        assert _steps(tmp_path) == [1, 2, 3, 4]  # every epoch, once
+        assert re.search(r"rollout-0 was lost during RolloutWorker\.\w+ \(.+\): restoring it and "
+                         r"running the call again \(retry 1 of 3\)", capsys.readouterr().out)  # fmt: skip
+        assert _rollout_pid() != pid
+        # The restored worker holds the learners' weights at the final version: its images are
+        # the healthy worker's, bit for bit, and the learners' own.
+        prompts = ["a red circle on a blue background", 'a sign that says "SOAR"']
+        kwargs = {"height": 64, "width": 64, "num_steps": 4, "guidance": 4.5, "seeds": [1, 2]}
+        calls = [ctx.rollouts.submit(RolloutWorker.generate_images, prompts, **kwargs)
+                 for _ in range(2)]  # fmt: skip
+        assert sorted(call.actor for call in calls) == [0, 1]
+        restored, healthy = (
+            ctx.rollouts.get(call) for call in sorted(calls, key=lambda c: c.actor)
+        )
+        assert (restored == healthy).all()
+        # The learners' weights at the final version, in a worker built here (learners hold no
+        # text encoders to render with).
+        reference = RolloutWorker(job, build_sd3(job), seed=0)
+        reference.set_stage(0)
+        reference.load_weights(ray.get(ctx.learners.first(Learner.export_weights)), 8)
+        assert (reference.generate_images(prompts, **kwargs) == restored).all()
+        assert ctx.sync.version == result["out"].version == 8  # 4 epochs x 2 inner epochs
+    finally:
+        ctx.close()
+
+
+def test_the_disaggregated_soar_stage_survives_a_killed_rollout_worker(ray_local, tmp_path, capsys):
+    job = _job(tmp_path, "stages.0.mode=disaggregated", "stages.0.max_staleness=1",
+               "stages.0.num_steps=8", "checkpoint.every=1000")  # fmt: skip
+    thread, result = _start(job, tmp_path)
+    _kill_after(tmp_path, 3)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert "error" not in result, result
+    assert _steps(tmp_path) == list(range(1, 9))
+    assert "rollout-0 was lost during RolloutWorker." in capsys.readouterr().out
+
+
+def test_a_worker_exception_stops_and_retries_run_out_naming_the_worker(ray_local, tmp_path,
+                                                                        capsys):  # fmt: skip
+    from soar_ray.cluster.groups import RolloutPool
+    from soar_ray.cluster.placement import create_topology
+    from soar_ray.errors import RunStopped
+    from soar_ray.workers.grpo import SampleRequest
+    from soar_ray.workers.rollout import RolloutWorker
+
+    job = _job(tmp_path, "cluster.max_task_retries=0")
+    topology = create_topology(job.cluster)
+    pool = RolloutPool(job, topology)
+    try:
+        # The worker's own error (no stage set yet) stops at once: nothing is retried.
+        call = pool.submit(RolloutWorker.rollout, SampleRequest(["a red circle"], 0), num_returns=3)
+        with pytest.raises(RuntimeError, match="set_stage must be called before rollout"):
+            pool.get(call)
+        assert "was lost" not in capsys.readouterr().out
+
+        # A worker lost with no retry left: one line naming it.
+        def die(worker):
+            os._exit(1)
+
+        with pytest.raises(RunStopped, match=r"rollout-0 was lost during test_a_worker_exception"
+                           r".*die \(Actor(Died|Unavailable)Error\).*cluster\.max_task_retries = 0 times"):  # fmt: skip
+            pool.get(pool.submit(die))
+    finally:
+        pool.kill()
+        topology.remove()
+
+
+# ---- a full disk during a checkpoint ---------------------------------------------------------------
+
+
+def test_a_full_disk_mid_checkpoint_stops_and_the_next_run_resumes_from_the_last(ray_local,
+                                                                                 tmp_path, capsys,
+                                                                                 monkeypatch):  # fmt: skip
+    import errno
+
+    from soar_ray import checkpoint
+    from soar_ray.errors import RunStopped
+
+    job = _job(tmp_path, "stages.0.num_steps=4", "checkpoint.every=2",
+               "cluster.num_rollout_workers=0")  # fmt: skip
+    seal = checkpoint.write_manifest
+
+    def full_disk(staging):
+        if "-0000004-" in staging.name:  # the second checkpoint: its files are in, the seal fails
+            raise OSError(errno.ENOSPC, "No space left on device", str(staging / "manifest.json"))
+        return seal(staging)
+
+    monkeypatch.setattr(checkpoint, "write_manifest", full_disk)
+    with pytest.raises(RunStopped, match=r"checkpoint of stage \S+ step 4 could not be written "
+                       r"\(\[Errno 28\] No space left on device.*checkpoint\.resume: auto"):  # fmt: skip
+        run_pipeline(job, tmp_path)
+    root = tmp_path / "checkpoints"
+    [debris] = root.glob(".staging-step-00-0000004-*")
+    assert [folder.name for _, folder in checkpoint.CheckpointManager(root, 3).complete()] == [
+        "step-00-0000002"]  # fmt: skip
+    monkeypatch.setattr(checkpoint, "write_manifest", seal)  # space freed
+    run_pipeline(job, tmp_path)
+    out = capsys.readouterr().out
+    assert f"removed {debris}, a checkpoint an earlier run did not finish writing" in out
+    assert re.search(r"resumed from \S+step-00-0000002 \(stage \S+, step 2\)", out)
+    assert not debris.exists() and (root / "step-00-0000004").is_dir()
+    assert _steps(tmp_path) == [1, 2, 3, 4]

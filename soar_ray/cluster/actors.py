@@ -24,11 +24,14 @@ from soar_ray.build import (
     learner_device,
 )
 from soar_ray.config import JobConfig
+from soar_ray.errors import WorkerRestarted
 from soar_ray.workers.engine import init_distributed
 from soar_ray.workers.learner import Learner
 from soar_ray.workers.rollout import RolloutWorker
 
 R = TypeVar("R")
+Step = tuple[Callable[..., Any], tuple]
+"""`(method, args)`: `method(worker, *args)` for a method of the worker class."""
 
 
 @ray.remote
@@ -77,7 +80,27 @@ class RolloutActor:
         device = "cuda" if job.cluster.gpus_per_learner > 0 and torch.cuda.is_available() else "cpu"
         self.worker = RolloutWorker(job, build_sd3(job, device), seed=job.seed + 7919 * (index + 1),
                                     uncond=cache_uncond(job))  # fmt: skip
+        # Restarted by Ray (`max_restarts`), the worker holds `model.pretrained`: it takes no work
+        # until the driver has restored the stage and weights the other workers hold.
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
 
     def call(self, method: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """`method(worker, *args, **kwargs)` for a method of `RolloutWorker`."""
+        if self.restarted:
+            raise WorkerRestarted(f"restarted rollout worker (pid {os.getpid()}) not restored yet")
         return method(self.worker, *args, **kwargs)
+
+    def restore(self, steps: list[Step]) -> int:
+        """After a restart, run `steps` (what gives the worker the pool's current stage and
+        weights; object refs among their arguments are fetched), then take work again; a worker
+        that was not restarted ignores them. Returns the process id."""
+        if self.restarted:
+            for method, args in steps:
+                method(self.worker, *[ray.get(a) if isinstance(a, ray.ObjectRef) else a
+                                      for a in args])  # fmt: skip
+            self.restarted = False
+        return os.getpid()
+
+    def pid(self) -> int:
+        """The actor's process id; it changes when Ray restarts the actor."""
+        return os.getpid()

@@ -5,6 +5,9 @@ Both offer the same few generic calls over a worker method (`Learner.train`,
 `RolloutWorker.load_weights`, ...): `submit` returns object refs at once, so the driver can keep
 sampling while the learners train; `call` waits for the results.
 
+Rollout workers are restartable: a call lost with its worker runs again on the restored worker
+(`RolloutPool`).
+
 Learner liveness: every learner call is timed per method; once a method has 3 timings, waiting
 for it is bounded by max(`cluster.stall_timeout_s`, 10 x its median), at most
 `cluster.call_timeout_s`. A learner past that bound, or one that died, stops the run with
@@ -16,18 +19,26 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from itertools import cycle
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from soar_ray.cluster.actors import LearnerActor, RolloutActor
+from soar_ray.cluster.actors import LearnerActor, RolloutActor, Step
 from soar_ray.cluster.placement import Topology, learner_resources, rollout_resources
 from soar_ray.config import JobConfig
-from soar_ray.errors import LearnerFailed, RunStopped
+from soar_ray.errors import LearnerFailed, RunStopped, WorkerRestarted
 
 Method = Callable[..., Any]
 STALL_FACTOR = 10
@@ -36,6 +47,8 @@ STALL_FACTOR = 10
 TIMED_CALLS = 3
 """Timings of a method before its calls get a deadline from them."""
 KILL_WAIT_S = 60.0
+RESTART_POLL_S = 0.2
+"""Seconds between asks whether Ray has restarted a lost rollout worker."""
 
 
 def kill_actors(actors: Sequence[ray.actor.ActorHandle]) -> None:
@@ -192,40 +205,167 @@ class LearnerGroup:
         kill_actors(self.actors)
 
 
+@dataclass(eq=False)
+class RolloutCall:
+    """One call on a rollout worker, remembered so it can run again: `method(worker, *args,
+    **kwargs)` on actor `actor`; `refs` holds one ref per returned item."""
+
+    method: Method
+    args: tuple
+    kwargs: dict[str, Any]
+    num_returns: int
+    actor: int
+    refs: list[ray.ObjectRef] = field(default_factory=list)
+    retries: int = 0
+    sets_state: bool = False
+    """A broadcast that sets the worker's state (stage, weights): the restore redoes it."""
+
+
 class RolloutPool:
     """M rollout actors holding inference copies; `submit` spreads work round-robin. Actors are
-    named `<prefix>-<i>` (dashboard); two pools alive at once need different prefixes."""
+    named `<prefix>-<i>` (dashboard); two pools alive at once need different prefixes.
+
+    A rollout worker that dies is restarted by Ray (`cluster.max_actor_restarts`) and comes back
+    with `model.pretrained`. Every consumer of results waits through `finished`: a call that
+    failed because its worker died, was unreachable or restarted waits for the restart (at most
+    `cluster.start_timeout_s`), restores the worker with `restore_steps()` (its owner's current
+    stage and weights), and runs again, at most `cluster.max_task_retries` times; then the run
+    stops naming the worker. An exception the worker code raised stops the run as it is. A rerun
+    is not bitwise the lost call: the restarted worker's random stream starts afresh.
+    """
 
     def __init__(self, job: JobConfig, topology: Topology, prefix: str = "rollout") -> None:
         cluster = job.cluster
         resources = rollout_resources(cluster)
+        self.names = [f"{prefix}-{index}" for index in range(len(topology.rollout_bundles))]
         self.actors = [
             RolloutActor.options(
-                **placement(topology, bundle, resources, f"{prefix}-{index}"),
+                **placement(topology, bundle, resources, self.names[index]),
                 max_restarts=cluster.max_actor_restarts,
             ).remote(job, index)  # fmt: skip
             for index, bundle in enumerate(topology.rollout_bundles)
         ]
-        self.timeout_s = cluster.call_timeout_s
+        self.timeout_s, self.start_timeout_s = cluster.call_timeout_s, cluster.start_timeout_s
+        self.max_retries = cluster.max_task_retries
+        self.restore_steps: Callable[[], list[Step]] = list
+        """What gives a restarted worker the state the others hold; the pool's owner sets it."""
         self._turn = cycle(range(len(self.actors)))
 
     def __len__(self) -> int:
         return len(self.actors)
 
-    def submit(self, method: Method, *args: Any, num_returns: int = 1, **kwargs: Any) -> Any:
-        """`method(worker, *args, **kwargs)` on the next worker in turn: its ref (a list of refs
-        when `num_returns` > 1, one per returned item)."""
-        actor = self.actors[next(self._turn)]
-        return actor.call.options(num_returns=num_returns).remote(method, *args, **kwargs)
+    def submit(self, method: Method, *args: Any, num_returns: int = 1,
+               **kwargs: Any) -> RolloutCall:  # fmt: skip
+        """`method(worker, *args, **kwargs)` on the next worker in turn, started at once; its
+        results are `finished` (or `get`) away. Keep the last returned item small: waiting
+        fetches it to see whether the call failed."""
+        call = RolloutCall(method, args, kwargs, num_returns, next(self._turn))
+        return self._send(call)
 
-    def broadcast(self, method: Method, *args: Any) -> list[ray.ObjectRef]:
-        """`method(worker, *args)` on every worker; calls on one actor run in submission order,
-        so work submitted after a broadcast sees its effect."""
-        return [actor.call.remote(method, *args) for actor in self.actors]
+    def broadcast(self, method: Method, *args: Any) -> list[RolloutCall]:
+        """`method(worker, *args)` setting every worker's state (stage, weights), which
+        `restore_steps` must then give a restarted worker too. Calls on one actor run in
+        submission order, so work submitted after a broadcast sees its effect."""
+        return [self._send(RolloutCall(method, args, {}, 1, index, sets_state=True))
+                for index in range(len(self.actors))]  # fmt: skip
 
-    def call(self, method: Method, *args: Any) -> list[Any]:
-        """Every worker's result of `method(worker, *args)`, waited for."""
-        return ray.get(self.broadcast(method, *args), timeout=self.timeout_s)
+    def call(self, method: Method, *args: Any) -> None:
+        """`broadcast`, waited for."""
+        self.wait(self.broadcast(method, *args))
+
+    def wait(self, calls: Sequence[RolloutCall]) -> None:
+        """Wait until every call has finished (rerun where its worker was lost)."""
+        for _ in self.finished(calls):
+            pass
+
+    def get(self, call: RolloutCall) -> Any:
+        """The results of one call (a list when it has several), waited for."""
+        self.wait([call])
+        values = ray.get(call.refs)
+        return values[0] if call.num_returns == 1 else values
+
+    def finished(self, calls: Sequence[RolloutCall]) -> Iterator[RolloutCall]:
+        """Each call once its results exist, in the order they finish; a call lost with its
+        worker is rerun first, so `call.refs` are then results that exist."""
+        pending = {call.refs[-1]: call for call in calls}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout_s)
+            if not ready:
+                raise TimeoutError(f"cluster.call_timeout_s: no rollout call finished within "
+                                   f"{self.timeout_s:g} s")  # fmt: skip
+            call = pending.pop(ready[0])
+            lost = self._lost(call)
+            if lost is None:
+                yield call
+                continue
+            self._rerun(call, lost)
+            pending[call.refs[-1]] = call
+
+    def _lost(self, call: RolloutCall) -> str | None:
+        """Why a finished call was lost with its worker (None if it was not); raises what the
+        worker code itself raised."""
+        try:
+            ray.get(call.refs[-1])
+        except RayTaskError as exc:
+            if isinstance(exc.cause, WorkerRestarted):
+                return "the worker had restarted"
+            raise
+        except (RayActorError, ObjectLostError) as exc:
+            return type(exc).__name__
+        return None
+
+    def _rerun(self, call: RolloutCall, reason: str) -> None:
+        """Restore the call's worker once Ray has restarted it, and send the call again (a
+        state-setting call is redone by the restore itself)."""
+        name, what = self.names[call.actor], call.method.__qualname__
+        while True:
+            call.retries += 1
+            if call.retries > self.max_retries:
+                raise RunStopped(
+                    f"{name} was lost during {what} ({reason}) and its call has been retried "
+                    f"cluster.max_task_retries = {self.max_retries} times (Ray restarts a worker "
+                    "at most cluster.max_actor_restarts times); see why the worker dies in its "
+                    "log (Actors page of the dashboard), then resume with checkpoint.resume: auto"
+                )
+            print(f"soar-ray: {name} was lost during {what} ({reason}): restoring it and "
+                  f"running the call again (retry {call.retries} of {self.max_retries})",
+                  flush=True)  # fmt: skip
+            try:
+                restore = self._restore(call.actor, f"it was lost during {what}")
+            except ActorDiedError:  # lost again before it was restored, or no restart left
+                reason = "ActorDiedError"
+                continue
+            if call.sets_state:
+                call.refs = [restore]  # the restore's result stands for the call's
+            else:
+                self._send(call)
+            return
+
+    def _restore(self, index: int, why: str) -> ray.ObjectRef:
+        """The ref of a finished `restore` of worker `index`, once Ray has restarted it (at
+        most `cluster.start_timeout_s`)."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            restore = self.actors[index].restore.remote(self.restore_steps())
+            try:
+                ray.get(restore, timeout=max(0.0, deadline - time.monotonic()))
+                return restore
+            except ActorUnavailableError:  # Ray has not noticed the death yet: ask again
+                if time.monotonic() < deadline:
+                    time.sleep(RESTART_POLL_S)
+                    continue
+            except GetTimeoutError:
+                pass
+            raise RunStopped(
+                f"{self.names[index]} did not come back within cluster.start_timeout_s = "
+                f"{self.start_timeout_s:g} s after {why}; resume with checkpoint.resume: auto"
+            )
+
+    def _send(self, call: RolloutCall) -> RolloutCall:
+        remote = self.actors[call.actor].call.options(num_returns=call.num_returns).remote
+        refs = remote(call.method, *call.args, **call.kwargs)
+        call.refs = [refs] if call.num_returns == 1 else list(refs)
+        return call
 
     def kill(self) -> None:
         kill_actors(self.actors)

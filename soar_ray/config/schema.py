@@ -162,7 +162,7 @@ class ClusterConfig(Section):
     max_actor_restarts: NonNegInt = 3
     """Restarts of a failed rollout or reward actor before the job fails."""
     max_task_retries: NonNegInt = 3
-    """Reruns of a reward-scoring call whose actor died mid-call (after Ray restarts the actor)."""
+    """Reruns of a reward-scoring or rollout call whose actor was lost (after Ray restarts it)."""
 
 
 class DeepSpeedConfig(Section):

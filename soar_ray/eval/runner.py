@@ -37,7 +37,6 @@ from soar_ray.eval.sampling import (
     EvalBatch,
     EvalItem,
     SamplingSettings,
-    collect_images,
     eval_items,
     submit_eval,
 )
@@ -109,25 +108,27 @@ class EvalSession:
         print(f"soar-ray: eval of {settings['transformer']}: {len(prompts)} prompts x "
               f"{settings['images_per_prompt']} images ({len(made)} already made), rewards "
               f"{settings['rewards']}, {len(self.rollouts or [])} rollout workers")  # fmt: skip
+        rescored = _score_made(self.pool, prompts, made, images_dir, batch_size, weights)
         batches: list[EvalBatch] = []
         if todo:
             if self.rollouts is None:
                 raise ValueError("EvalSession: images to make but no rollout workers")
+            # A restarted worker loads the evaluated weights again before it samples.
+            self.rollouts.restore_steps = lambda: [(RolloutWorker.load_transformer,
+                                                    (settings["transformer"],))]  # fmt: skip
             self.rollouts.call(RolloutWorker.load_transformer, settings["transformer"])
             sampling = SamplingSettings(settings["num_steps"], settings["guidance"],
                                         settings["resolution"])  # fmt: skip
-            batches = submit_eval(self.rollouts, self.pool, prompts, todo, sampling, batch_size,
-                                  weights)  # fmt: skip
-        rescored = _score_made(self.pool, prompts, made, images_dir, batch_size, weights)
-        with tqdm(total=len(todo), unit="image", desc="sampling",
-                  disable=not self.job.logging.progress_bar) as bar:  # fmt: skip
+            with tqdm(total=len(todo), unit="image", desc="sampling",
+                      disable=not self.job.logging.progress_bar) as bar:  # fmt: skip
 
-            def save(batch: EvalBatch, images: np.ndarray) -> None:
-                for item, image in zip(batch.items, images):
-                    save_png(images_dir / f"{item.name}.png", image)
-                bar.update(len(batch.items))
+                def save(batch: EvalBatch, images: np.ndarray) -> None:
+                    for item, image in zip(batch.items, images):
+                        save_png(images_dir / f"{item.name}.png", image)
+                    bar.update(len(batch.items))
 
-            collect_images(batches, save, self.cluster.call_timeout_s)
+                batches = submit_eval(self.rollouts, self.pool, prompts, todo, sampling,
+                                      batch_size, weights, on_images=save)  # fmt: skip
         order = [item for batch in batches for item in batch.items]
         order += [item for chunk, _ in rescored for item in chunk]
         outputs = [batch.scores.result() for batch in batches]

@@ -4,7 +4,7 @@ Every image is an `EvalItem` (prompt index, k-th image of that prompt, seed): it
 function of (base seed, prompt index, k), so an image is the same whichever batch, worker or run
 makes it, and a resumed evaluation makes only the missing ones. Batches go round-robin to the
 rollout workers (ODE sampling with CFG, noise 0) and each decoded batch goes to the reward actors
-as an object ref at once, so scoring overlaps sampling.
+as an object ref as soon as it exists, so scoring overlaps sampling.
 """
 
 from __future__ import annotations
@@ -72,36 +72,32 @@ def submit_eval(
     settings: SamplingSettings,
     batch_size: int,
     weights: Mapping[str, float],
+    on_images: Callable[[EvalBatch, np.ndarray], None] | None = None,
 ) -> list[EvalBatch]:
-    """Sample `items` in batches of `batch_size` on the rollout workers and score every batch
-    with the rewards in `weights` as soon as it is decoded; returns at once."""
-    batches = []
-    for start in range(0, len(items), batch_size):
-        chunk = list(items[start : start + batch_size])
-        texts = [prompts[item.prompt_index].text for item in chunk]
-        images = rollouts.submit(
-            RolloutWorker.generate_images, texts, seeds=[item.seed for item in chunk],
-            height=settings.resolution, width=settings.resolution,
-            num_steps=settings.num_steps, guidance=settings.guidance,
+    """Sample `items` in batches of `batch_size` on the rollout workers; as each batch finishes
+    (a batch lost with its worker is sampled again first), score it with the rewards in `weights`
+    and hand it to `on_images(batch, images)`. Returns once every batch is sampled, in order,
+    while the last ones are still being scored."""
+    chunks = [list(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
+    texts = [[prompts[item.prompt_index].text for item in chunk] for chunk in chunks]
+    calls = [
+        rollouts.submit(
+            RolloutWorker.generate_images,
+            chunk_texts,
+            seeds=[item.seed for item in chunk],
+            height=settings.resolution,
+            width=settings.resolution,
+            num_steps=settings.num_steps,
+            guidance=settings.guidance,
         )  # fmt: skip
-        metadata = [prompts[item.prompt_index].metadata or None for item in chunk]
-        scores = reward_pool.submit(images, texts, metadata, weights=weights)
-        batches.append(EvalBatch(chunk, images, scores))
-    return batches
-
-
-def collect_images(
-    batches: Sequence[EvalBatch],
-    on_batch: Callable[[EvalBatch, np.ndarray], None],
-    timeout_s: float,
-) -> None:
-    """Call `on_batch(batch, images)` for each batch as its images arrive (completion order)."""
-    pending = {batch.images: batch for batch in batches}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
-        if not ready:
-            raise TimeoutError(
-                f"cluster.call_timeout_s: no evaluation batch finished within {timeout_s:g} s"
-            )
-        batch = pending.pop(ready[0])
-        on_batch(batch, ray.get(ready[0]))
+        for chunk, chunk_texts in zip(chunks, texts)
+    ]
+    batches: dict[int, EvalBatch] = {}
+    for call in rollouts.finished(calls):
+        k = calls.index(call)
+        metadata = [prompts[item.prompt_index].metadata or None for item in chunks[k]]
+        scores = reward_pool.submit(call.refs[0], texts[k], metadata, weights=weights)
+        batches[k] = EvalBatch(chunks[k], call.refs[0], scores)
+        if on_images is not None:
+            on_images(batches[k], ray.get(call.refs[0]))
+    return [batches[k] for k in range(len(calls))]

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from ray.exceptions import RayTaskError
 
 from soar_ray.checkpoint import CheckpointManager, CheckpointState, read_state
+from soar_ray.cluster.actors import Step
 from soar_ray.cluster.groups import LearnerGroup, RolloutPool
 from soar_ray.cluster.placement import Topology, create_topology
 from soar_ray.cluster.rewards import RewardPool
 from soar_ray.cluster.weights import ObjectStoreWeightSync
 from soar_ray.config import ConfigError, JobConfig, dump_config
 from soar_ray.data.prompts import load_text_prompts
+from soar_ray.errors import RunStopped
 from soar_ray.metrics import MetricsLogger, save_image_grid
 from soar_ray.workers.learner import Learner
 from soar_ray.workers.rollout import RolloutWorker
@@ -47,6 +50,7 @@ class StageContext:
         self.rollouts: RolloutPool | None = None
         self.rewards: RewardPool | None = None
         self.sync: ObjectStoreWeightSync | None = None
+        self._rollout_stage: tuple[int, ray.ObjectRef | None] | None = None
         # The placement group first: a topology the cluster cannot hold fails before anything.
         self.topology: Topology = create_topology(job.cluster, job.reward_names)
         try:
@@ -67,6 +71,7 @@ class StageContext:
         if job.cluster.num_rollout_workers:
             self.rollouts = RolloutPool(job, self.topology)
             self.sync = ObjectStoreWeightSync(self.learners, self.rollouts)
+            self.rollouts.restore_steps = self.rollout_state
         self.rewards = RewardPool.for_job(job, self.topology)
 
     def close(self) -> None:
@@ -90,7 +95,18 @@ class StageContext:
             weights = self.learners.first(Learner.export_weights)
         self.learners.call(Learner.setup_stage, stage_index)
         if self.rollouts is not None:
+            # Kept (a full copy in the object store) while the stage runs: a restored worker
+            # starts the stage from them.
+            self._rollout_stage = (stage_index, weights)
+            self.sync.forget()
             self.rollouts.call(RolloutWorker.set_stage, stage_index, weights)
+
+    def rollout_state(self) -> list[Step]:
+        """What a restarted rollout worker runs to hold what the others hold: the current stage
+        (from its handoff weights) and the last pushed weights."""
+        if self._rollout_stage is None:
+            return []
+        return [(RolloutWorker.set_stage, self._rollout_stage), *self.sync.restore_steps()]
 
     def finish_stage(self) -> None:
         """The stage output (EMA where enabled, LoRA merged) becomes the live weights."""
@@ -113,11 +129,20 @@ class StageContext:
         """An atomic checkpoint of (stage, step); returns the seconds it took."""
         start = time.perf_counter()
         staging = self.checkpoints.begin(stage_index, step)
-        self.learners.call(Learner.save_checkpoint, str(staging / LEARNERS_DIR))
-        self.learners.call(Learner.save_transformer, str(staging / "transformer"))
-        (staging / "config.yaml").write_text(dump_config(self.job))
         name = self.job.stage_names[stage_index]
-        self.checkpoints.commit(staging, CheckpointState(stage_index, name, step, version))
+        try:
+            self.learners.call(Learner.save_checkpoint, str(staging / LEARNERS_DIR))
+            self.learners.call(Learner.save_transformer, str(staging / "transformer"))
+            (staging / "config.yaml").write_text(dump_config(self.job))
+            self.checkpoints.commit(staging, CheckpointState(stage_index, name, step, version))
+        except OSError as exc:  # a full disk, here or on a learner (whose RayTaskError is one)
+            cause = exc.cause if isinstance(exc, RayTaskError) else exc
+            raise RunStopped(
+                f"the checkpoint of stage {name} step {step} could not be written ({cause}); "
+                f"nothing of it is resumed from: free space under {self.checkpoints.root}, then "
+                "run again with checkpoint.resume: auto, which removes the unfinished folder and "
+                "continues from the last complete checkpoint"
+            ) from exc
         return time.perf_counter() - start
 
     def save_output(self, stage_index: int) -> Path:
@@ -146,8 +171,10 @@ class StageContext:
         if self.rollouts is not None:
             self.sync.push(version)
             self.sync.wait()
-            ref = self.rollouts.submit(RolloutWorker.generate_images, self.sample_prompts, **kwargs)
-            images = ray.get(ref, timeout=self.rollouts.timeout_s)
+            call = self.rollouts.submit(
+                RolloutWorker.generate_images, self.sample_prompts, **kwargs
+            )
+            images = self.rollouts.get(call)
         else:
             images = self.learners.call(Learner.generate_images, self.sample_prompts, **kwargs)[0]
         return self.save_grid(images, self.sample_prompts, f"{stage_name}-step", step)

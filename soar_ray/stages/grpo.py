@@ -65,7 +65,8 @@ def epoch_prompts(num_prompts: int, num_groups: int, seed: int) -> list[int]:
 
 @dataclass
 class EpochRollout:
-    """One epoch's rollout calls in flight: call k covers images bounds[k] of the epoch."""
+    """One epoch's finished rollout calls (their results exist) and their scoring in flight:
+    call k covers images bounds[k] of the epoch."""
 
     prompts: list[Prompt]
     """The prompt of every image; images of one group are consecutive."""
@@ -80,27 +81,32 @@ class EpochRollout:
 
 def sample_epoch(ctx: StageContext, stage_index: int, prompts: list[Prompt],
                  epoch: int) -> EpochRollout:  # fmt: skip
-    """Submit an epoch's rollout calls and, on each call's images, its scoring (returns at once)."""
+    """Sample an epoch: every rollout call is submitted at once and each call's images go to
+    scoring as soon as that call has finished (a call lost with its worker is rerun first, so
+    scoring and training only ever get results that exist); returns once every call is done,
+    while the last batches are still being scored."""
     job, stage = ctx.job, ctx.job.stages[stage_index]
     chosen = epoch_prompts(len(prompts), stage.num_groups_per_epoch,
                            derived_seed(job.seed, stage_index, epoch))  # fmt: skip
     per_image = [prompts[i] for i in chosen for _ in range(stage.group_size)]
     group_ids = np.repeat(np.arange(len(chosen)), stage.group_size)
-    rollout = EpochRollout(per_image, group_ids, [], [], [], [], [])
-    for k, start in enumerate(range(0, len(per_image), stage.sample_batch_size)):
-        batch = per_image[start : start + stage.sample_batch_size]
-        texts = [p.text for p in batch]
-        request = SampleRequest(texts, derived_seed(job.seed, stage_index, epoch, k))
-        trajectories, images, info = ctx.rollouts.submit(RolloutWorker.rollout, request,
-                                                         num_returns=3)  # fmt: skip
-        handle = ctx.rewards.submit(images, texts, [p.metadata or None for p in batch],
-                                    weights=stage.rewards)  # fmt: skip
-        rollout.bounds.append((start, start + len(batch)))
-        rollout.trajectories.append(trajectories)
-        rollout.images.append(images)
-        rollout.infos.append(info)
-        rollout.rewards.append(handle)
-    return rollout
+    bounds = [(start, min(start + stage.sample_batch_size, len(per_image)))
+              for start in range(0, len(per_image), stage.sample_batch_size)]  # fmt: skip
+    calls = []
+    for k, (start, stop) in enumerate(bounds):
+        request = SampleRequest([p.text for p in per_image[start:stop]],
+                                derived_seed(job.seed, stage_index, epoch, k))  # fmt: skip
+        calls.append(ctx.rollouts.submit(RolloutWorker.rollout, request, num_returns=3))
+    rewards: dict[int, RewardHandle] = {}
+    for call in ctx.rollouts.finished(calls):
+        k = calls.index(call)
+        batch = per_image[bounds[k][0] : bounds[k][1]]
+        rewards[k] = ctx.rewards.submit(call.refs[1], [p.text for p in batch],
+                                        [p.metadata or None for p in batch],
+                                        weights=stage.rewards)  # fmt: skip
+    return EpochRollout(per_image, group_ids, bounds, [c.refs[0] for c in calls],
+                        [c.refs[1] for c in calls], [c.refs[2] for c in calls],
+                        [rewards[k] for k in range(len(calls))])  # fmt: skip
 
 
 def plan_epoch(

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from soar_ray.build import build_dataset, build_sampler, data_errors
+from soar_ray.cluster.groups import RolloutCall
 from soar_ray.config import JobConfig
 from soar_ray.data.dataset import build_index
 from soar_ray.data.loader import iter_batches
@@ -32,19 +33,21 @@ class AuxPrefetcher:
 
     def __init__(self, ctx: StageContext, batches: Iterator[list[dict[str, Any]]], depth: int):
         self.ctx, self.batches, self.depth = ctx, batches, depth
-        self.queue: deque[list[list[ray.ObjectRef]]] = deque()
+        self.queue: deque[list[RolloutCall]] = deque()
 
     def next(self) -> tuple[list[ray.ObjectRef], int]:
-        """The next step's per-rank inputs (still refs) and the oldest version among them."""
+        """The next step's per-rank inputs (refs that exist: a call lost with its worker has
+        been rerun) and the oldest version among them."""
         while len(self.queue) <= self.depth:
             batches = next(self.batches, None)
             if batches is None:
                 break
             self.queue.append([self.ctx.rollouts.submit(RolloutWorker.rollout, batch, num_returns=2)
                                for batch in batches])  # fmt: skip
-        refs = self.queue.popleft()
-        versions = ray.get([version for _, version in refs])
-        return [inputs for inputs, _ in refs], min(versions)
+        calls = self.queue.popleft()
+        self.ctx.rollouts.wait(calls)
+        versions = ray.get([call.refs[1] for call in calls])
+        return [call.refs[0] for call in calls], min(versions)
 
 
 def check_soar_stage(job: JobConfig, stage_index: int) -> None:
