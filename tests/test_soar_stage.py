@@ -177,3 +177,25 @@ def test_two_learners_of_b_equal_one_learner_of_2b(ray_local, tmp_path):
     metrics_one, weights_one = _distributed_step(one, [_concat(inputs)])
     assert metrics_two["loss"] == pytest.approx(metrics_one["loss"], rel=1e-5)
     _assert_same_weights(weights_two, weights_one)
+
+
+def test_rows_left_out_by_on_bad_sample_skip_are_counted_in_the_metrics(
+    ray_local, tmp_path, capsys
+):
+    from soar_ray.data.synthetic import make_synthetic_set
+
+    data = make_synthetic_set(tmp_path / "data", 8, seed=0, buckets=[(64, 64)])
+    with open(data.jsonl_path, "a") as f:
+        f.write('{"md5": "gone", "caption_en": "a red circle", "bw": 64, "bh": 64}\n{"md5": \n')
+    job = _job(tmp_path / "run", "data.source=jsonl", f"data.jsonl={data.jsonl_path}",
+               f"data.image_dir={data.image_dir}", "data.on_bad_sample=skip",
+               "stages.0.num_steps=2", "cluster.num_learners=1", "cluster.num_rollout_workers=0",
+               "logging.sample_every=0")  # fmt: skip
+    run_pipeline(job, tmp_path / "run")
+    first, second = _rows(tmp_path / "run")
+    assert (first["data_skipped_rows"], first["data_skipped_missing_image"],
+            first["data_skipped_malformed_json"]) == (2, 1, 1)  # fmt: skip
+    assert "data_skipped_rows" not in second
+    assert f"left out 2 rows of {data.jsonl_path} (malformed_json 1, missing_image 1); kept 8" in (
+        capsys.readouterr().out
+    )

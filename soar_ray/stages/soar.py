@@ -20,7 +20,7 @@ import ray
 from soar_ray.build import build_dataset, build_sampler, data_errors
 from soar_ray.cluster.groups import RolloutCall
 from soar_ray.config import JobConfig
-from soar_ray.data.dataset import build_index
+from soar_ray.data.dataset import ImageCaptionDataset, build_index
 from soar_ray.data.loader import iter_batches
 from soar_ray.stages.context import StageContext
 from soar_ray.stages.loop import StageLoop, StageResult, StageStart
@@ -63,10 +63,23 @@ def check_soar_stage(job: JobConfig, stage_index: int) -> None:
                     caption_key=data.caption_key)  # fmt: skip
 
 
+def skipped_rows(dataset) -> dict[str, int]:
+    """The rows `data.on_bad_sample: skip` left out of an image set, by reason, as metrics
+    (`data_skipped_rows`, `data_skipped_<reason>`), after saying so; none for a latent cache."""
+    if not isinstance(dataset, ImageCaptionDataset) or not dataset.skipped:
+        return {}
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(dataset.skipped.items()))
+    print(f"soar-ray: data.on_bad_sample: skip left out {dataset.skipped.total()} rows of "
+          f"{dataset.jsonl_path} ({reasons}); kept {len(dataset)}")  # fmt: skip
+    return {"data_skipped_rows": dataset.skipped.total(),
+            **{f"data_skipped_{reason}": n for reason, n in dataset.skipped.items()}}  # fmt: skip
+
+
 def run_soar_stage(ctx: StageContext, stage_index: int, start: StageStart) -> StageResult:
     """Train `job.stages[stage_index]` on the context's actors."""
     job, stage = ctx.job, ctx.job.stages[stage_index]
     dataset = build_dataset(job)
+    skipped = skipped_rows(dataset)
     world = job.cluster.num_learners
     samplers = [build_sampler(job, dataset, rank, world) for rank in range(world)]
     loop = StageLoop(ctx, stage_index, start, total=stage.num_steps, unit="step")
@@ -98,6 +111,8 @@ def run_soar_stage(ctx: StageContext, stage_index: int, start: StageStart) -> St
                 ctx.sync.push(loop.version)  # queued before the next rollout calls on every worker
         seconds = time.perf_counter() - start_time
         metrics["samples_per_s"] = job.data.batch_size * world / seconds
+        metrics |= skipped  # the data rows left out, in the stage's first record
+        skipped = {}
         loop.end(metrics, {"loss": f"{metrics['loss']:.4f}", "sps": f"{metrics['samples_per_s']:.1f}"},
                  render=lambda: ctx.render_samples(loop.name, loop.step, loop.version))  # fmt: skip
     return loop.close()
