@@ -36,7 +36,6 @@ REQUIRED_METRICS = {
     "soar_ray_step", "soar_ray_loss", "soar_ray_loss_aux", "soar_ray_samples_per_second",
     "soar_ray_policy_version", "soar_ray_checkpoint_seconds",
 }  # fmt: skip
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def test_config_address_wins_over_ray_address(monkeypatch):
@@ -184,24 +183,31 @@ def test_submitted_tiny_job_succeeds_with_logs_and_metrics(ray_head, soar_metric
         f"checkpoint.every={NUM_STEPS // 2}", "logging.sample_every=0",
         "logging.tensorboard=false", "data.synthetic.num_images=32",
     ]  # fmt: skip
-    submitted = _soar_ray(ray_head, "submit", "jobs/tiny.yaml", f"--submission-id={job_id}",
-                          *[f"--set={o}" for o in overrides])  # fmt: skip
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    assert f"soar-ray: submitted {job_id} ('tiny', run folder {run_dir})" in submitted.stdout
-    assert f"{ray_head.dashboard_url}/#/jobs/{job_id}" in submitted.stdout
-
+    # `soar-ray submit --follow` streams the logs and exits with the job's outcome.
+    env = {**ray_head.env, "RAY_API_SERVER_ADDRESS": ray_head.dashboard_url}
+    follow = subprocess.Popen([BIN / "soar-ray", "submit", "jobs/tiny.yaml", "--follow",
+                               f"--submission-id={job_id}", *[f"--set={o}" for o in overrides]],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
     # Gauges leave the endpoint soon after the driver exits, so read them while it runs.
     seen: dict[str, float] = {}
     deadline = time.monotonic() + 300
-    while (status := _job_status(ray_head, job_id)) not in TERMINAL:
-        assert time.monotonic() < deadline, f"job {job_id} still {status}"
-        for (name, job, _stage), value in soar_metrics(ray_head.metrics_url).items():
-            if job == "tiny":
-                seen[name] = value
+    while follow.poll() is None:
+        assert time.monotonic() < deadline, f"job {job_id} still {_job_status(ray_head, job_id)}"
+        try:
+            gauges = soar_metrics(ray_head.metrics_url)
+        except urllib.error.URLError as exc:  # the head's metrics agent may not listen yet
+            if not isinstance(exc.reason, ConnectionRefusedError):
+                raise
+            gauges = {}
+        seen |= {name: value for (name, job, _stage), value in gauges.items() if job == "tiny"}
         time.sleep(0.5)
-    logs = _ray_cli(ray_head, "job", "logs", f"--address={ray_head.dashboard_url}", job_id)
-    assert status == "SUCCEEDED", logs[-3000:]
-
+    logs, errors = follow.communicate()
+    assert follow.returncode == 0, logs[-3000:] + errors
+    assert f"soar-ray: submitted {job_id} ('tiny', run folder {run_dir})" in logs
+    assert f"{ray_head.dashboard_url}/#/jobs/{job_id}" in logs
+    assert logs.rstrip().endswith(f"soar-ray: job {job_id} SUCCEEDED")
+    assert _job_status(ray_head, job_id) == "SUCCEEDED"
     assert f"soar-ray: Ray at {ray_head.gcs_address}" in logs  # joined the head, no local Ray
     assert f"{NUM_STEPS}/{NUM_STEPS}" in logs and "loss=" in logs  # the progress bar
     assert f"soar-ray: stage 0-soar -> {run_dir / '0-soar' / 'transformer'}" in logs
@@ -212,7 +218,7 @@ def test_submitted_tiny_job_succeeds_with_logs_and_metrics(ray_head, soar_metric
 
 
 @pytest.mark.slow
-def test_submit_follows_the_job_to_its_outcome_and_checks_it_first(ray_head, tmp_path):
+def test_submit_checks_the_job_first_and_follows_a_failure_to_its_outcome(ray_head, tmp_path):
     # Bad input never reaches the cluster: one line, exit 2, nothing submitted.
     jobs_before = _http_json(f"{ray_head.dashboard_url}/api/jobs/", ray_head.token)
     relative = _soar_ray(ray_head, "submit", "jobs/tiny.yaml")
@@ -222,16 +228,10 @@ def test_submit_follows_the_job_to_its_outcome_and_checks_it_first(ray_head, tmp
                         "--set=stages.0.lr=3")  # fmt: skip
     assert unknown.returncode == 2 and "stages.0.lr: unknown key" in unknown.stderr
     assert _http_json(f"{ray_head.dashboard_url}/api/jobs/", ray_head.token) == jobs_before
-    # --follow streams the logs and exits with the job's outcome: success, then a failure.
-    fast = [f"--set=output_dir={tmp_path / 'run'}", "--set=stages.0.num_steps=2",
-            "--set=cluster.num_learners=1", "--set=cluster.num_rollout_workers=0",
-            "--set=logging.sample_every=0", "--set=data.synthetic.num_images=8"]  # fmt: skip
-    done = _soar_ray(ray_head, "submit", "jobs/tiny.yaml", "--follow", *fast)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
-    assert "soar-ray: stage 0-soar ->" in done.stdout and done.stdout.rstrip().endswith("SUCCEEDED")
+    fast = [f"--set=output_dir={tmp_path / 'big'}", "--set=data.synthetic.num_images=8"]
     # A topology larger than the cluster passes the local checks and fails on the cluster (the
     # driver there checks it before any actor): submit says so and exits 1.
     failed = _soar_ray(ray_head, "submit", "jobs/tiny.yaml", "--follow", *fast,
-                       f"--set=output_dir={tmp_path / 'big'}", "--set=cluster.num_learners=64")  # fmt: skip
+                       "--set=cluster.num_learners=64")  # fmt: skip
     assert failed.returncode == 1, failed.stdout[-3000:]
     assert "cluster.num_learners" in failed.stdout and failed.stdout.rstrip().endswith("FAILED")
