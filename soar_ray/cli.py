@@ -25,13 +25,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # flag (named for the platforms where loopback is the default) once, at import.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from soar_ray.cluster.session import RayConnectionError, ray_session
-    from soar_ray.stages.context import sample_prompts
-    from soar_ray.stages.pipeline import check_pipeline, run_pipeline
+    from soar_ray.stages.pipeline import check_job, run_pipeline
 
-    # Bad input is one line before Ray starts: paths, every stage's data, the sample prompts.
-    job.validate_paths()
-    check_pipeline(job)
-    sample_prompts(job)
+    check_job(job)  # bad input is one line before Ray starts
     run_dir = job.output_path
     with ExitStack() as stack:
         stack.enter_context(RunFolderLock(run_dir, force=args.force))  # before anything is written

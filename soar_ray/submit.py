@@ -33,7 +33,7 @@ class SubmitError(RunStopped):
     """The cluster could not take the job; the message says why and what to set."""
 
 
-def check_job(job_file: str, overrides: list[str]):
+def load_checked_job(job_file: str, overrides: list[str]):
     """The job, checked as `soar-ray run` checks it before Ray starts, plus an absolute
     `output_dir`; the paths it names are read relative to this (the uploaded) directory."""
     job = load_job(job_file, overrides)
@@ -44,12 +44,9 @@ def check_job(job_file: str, overrides: list[str]):
             "path on the head or on a shared file system, e.g. --set "
             f"output_dir=/shared/runs/{job.name}"
         )
-    from soar_ray.stages.context import sample_prompts
-    from soar_ray.stages.pipeline import check_pipeline
+    from soar_ray.stages.pipeline import check_job
 
-    job.validate_paths()
-    check_pipeline(job)
-    sample_prompts(job)
+    check_job(job)
     return job
 
 
@@ -68,7 +65,7 @@ def entrypoint(job_file: str, overrides: list[str]) -> str:
 
 
 def submit(args: argparse.Namespace) -> int:
-    job = check_job(args.job, args.overrides)
+    job = load_checked_job(args.job, args.overrides)
     address = cluster_address(args.address)
     from ray.job_submission import JobSubmissionClient
 

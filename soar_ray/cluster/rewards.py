@@ -32,7 +32,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.metrics import Gauge
 
 from rewards.base import ImageLike, check_batch, to_uint8
-from soar_ray.cluster.groups import placement
+from soar_ray.cluster.groups import kill_actors, placement
 from soar_ray.cluster.placement import Topology, reward_resources
 from soar_ray.config import ClusterConfig, JobConfig, RewardActorsConfig, RewardConfig
 from soar_ray.metrics import ray_report_interval_s
@@ -354,11 +354,10 @@ class RewardPool:
         return RewardHandle(self, weights, num, calls)
 
     def shutdown(self) -> None:
-        """Kill every actor (no restart) and stop refreshing the gauges."""
+        """Kill every actor (no restart), waiting until their names are free, and stop refreshing
+        the gauges."""
         self.gauges.close()
-        for actors in self.actors.values():
-            for actor in actors:
-                ray.kill(actor)
+        kill_actors([actor for actors in self.actors.values() for actor in actors])
 
     def __enter__(self) -> RewardPool:
         return self

@@ -23,7 +23,7 @@ from pathlib import Path
 from soar_ray.checkpoint import CheckpointManager, read_state, resolve_resume
 from soar_ray.config import ConfigError, JobConfig
 from soar_ray.errors import LearnerFailed
-from soar_ray.stages.context import StageContext
+from soar_ray.stages.context import StageContext, sample_prompts
 from soar_ray.stages.grpo import check_grpo_stage, run_grpo_stage
 from soar_ray.stages.loop import StageResult, StageStart
 from soar_ray.stages.resume import check_resume_settings, rewind_metrics
@@ -53,6 +53,14 @@ def check_pipeline(job: JobConfig) -> None:
         if stage.algorithm not in STAGES:
             raise ConfigError(f"stages.{index}.algorithm: no driver for {stage.algorithm!r}")
         STAGES[stage.algorithm].check(job, index)
+
+
+def check_job(job: JobConfig) -> None:
+    """Every check of bad input that needs no Ray, each one line: the paths the job names, every
+    stage's own checks, the sample prompts (`soar-ray run` and `submit`, before Ray)."""
+    job.validate_paths()
+    check_pipeline(job)
+    sample_prompts(job)
 
 
 def run_pipeline(job: JobConfig, run_dir: Path) -> list[Path]:
