@@ -225,7 +225,9 @@ def job_tree(study: Study, name: str, seed: int, stage: dict, world, every: int)
                     "reward_actors": {"shapes_geneval": {"num_cpus": 1 if gpu else 0.25}},
                     "start_timeout_s": 3600},
         "rewards": {"shapes_geneval": {}},  # also sizes the evaluation session's scoring actor
-        "deepspeed": {"precision": "bf16" if gpu else "fp32", "zero_stage": 1,
+        # One learner in plain torch: at this model size a DeepSpeed step is mostly its
+        # per-parameter bookkeeping (RESULTS.md, the second GPU calibration).
+        "deepspeed": {"enabled": False, "precision": "bf16" if gpu else "fp32",
                       "activation_checkpointing": False},
         "checkpoint": {"every": every, "keep_last": 1000},
         "logging": {"tensorboard": False, "progress_bar": False, "ray_metrics": False,

@@ -372,6 +372,14 @@ GRPO = ("data.prompts.path=p.txt", "cluster.num_rollout_workers=1", "stages.0.ev
             "stages.0.optimizer.on_nonfinite: 'skip_step' needs deepspeed.zero_stage >= 1",
         ),
         (("output_dir=runs/{nam}",), "output_dir: bad placeholder in 'runs/{nam}'"),
+        (
+            ("deepspeed.enabled=false", "cluster.num_learners=2"),
+            "deepspeed.enabled: false trains one learner in plain torch; cluster.num_learners is 2",
+        ),
+        (
+            ("deepspeed.enabled=false", "cluster.num_learners=1", "deepspeed.offload_optimizer=1"),
+            "deepspeed.enabled: false has no CPU offload",
+        ),
     ],
 )
 def test_cross_field_checks(tmp_path: Path, overrides: tuple[str, ...], expected: str) -> None:

@@ -32,6 +32,45 @@ def test_ema_warmup_decay_by_hand():
     assert ema.shadow[0].item() == pytest.approx(2 / 11 * 9 + 9 / 11 * 20)
 
 
+def test_ema_of_bf16_weights_averages_in_fp32():
+    # At decay 0.99 a bf16 average would stay at 1.0: 0.01 x the gap (2^-7) is below half a
+    # bf16 step at 1.0 (2^-8).
+    p = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.bfloat16))
+    ema = Ema([p], EmaConfig(enabled=True, decay=0.99, every=1))
+    ema.num_updates = 1000  # past the warm-up: decay min(1001 / 1010, 0.99) = 0.99
+    with torch.no_grad():
+        p.fill_(1.0078125)  # the next bf16 above 1.0
+    ema.after_step(1)
+    assert ema.shadow[0].dtype == torch.float32
+    assert ema.shadow[0].item() == pytest.approx(0.99 * 1.0 + 0.01 * 1.0078125, abs=1e-7)
+    ema.load_state_dict(copy.deepcopy(ema.state_dict()))
+    assert ema.shadow[0].dtype == torch.float32
+
+
+def test_local_engine_updates_fp32_masters_of_bf16_weights(tmp_path):
+    # Adam's first steps with a constant gradient move a weight by lr each: 10 steps of 1e-3
+    # take the fp32 master from 1.0 to 0.99, and the bf16 weight to its nearest bf16,
+    # 0.98828125; bf16 arithmetic alone would round every step back to 1.0.
+    cfg = OptimizerConfig(lr=1e-3, weight_decay=0.0, grad_clip=0.0)
+
+    def engine_and_param():
+        p = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.bfloat16))
+        return LocalEngine([p], cfg), p
+
+    engine, p = engine_and_param()
+    for _ in range(10):
+        p.grad = torch.ones_like(p)
+        engine.step()
+        assert engine.was_step_applied() and p.grad is None
+    assert engine.master[0].dtype == torch.float32 and p.dtype == torch.bfloat16
+    assert engine.master[0].item() == pytest.approx(0.99, abs=1e-6)
+    assert p.item() == 0.98828125
+    engine.save_checkpoint(tmp_path, "tag")
+    restored, q = engine_and_param()
+    restored.load_checkpoint(tmp_path, "tag")
+    assert restored.master[0].item() == engine.master[0].item() and q.item() == 0.98828125
+
+
 def _linear_problem(seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Linear(3, 1)

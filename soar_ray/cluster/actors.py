@@ -57,15 +57,21 @@ class LearnerActor:
         return self.rendezvous.getsockname()[1]
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
+        """Join the group and build the learner; with `deepspeed.enabled: false` the one
+        learner trains in plain torch and there is no group to join."""
         job = self.job
-        backend = "nccl" if job.cluster.gpus_per_learner > 0 else "gloo"
-        # The store takes over the socket's file descriptor.
-        listen_fd = self.rendezvous.detach() if self.rendezvous is not None else None
-        init_distributed(self.rank, self.world_size, master_addr, master_port,
-                         listen_fd=listen_fd, backend=backend,
-                         timeout_s=job.cluster.start_timeout_s)  # fmt: skip
+        if job.deepspeed.enabled:
+            backend = "nccl" if job.cluster.gpus_per_learner > 0 else "gloo"
+            # The store takes over the socket's file descriptor.
+            listen_fd = self.rendezvous.detach() if self.rendezvous is not None else None
+            init_distributed(self.rank, self.world_size, master_addr, master_port,
+                             listen_fd=listen_fd, backend=backend,
+                             timeout_s=job.cluster.start_timeout_s)  # fmt: skip
+        elif self.rendezvous is not None:
+            self.rendezvous.close()
         model = build_sd3(job, learner_device(job), components=learner_components(job))
-        self.learner = build_learner(job, model, rank=self.rank, world_size=self.world_size)
+        self.learner = build_learner(job, model, rank=self.rank, world_size=self.world_size,
+                                     distributed=job.deepspeed.enabled)  # fmt: skip
 
     def call(self, method: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """`method(learner, *args, **kwargs)` for a method of `Learner`."""

@@ -168,6 +168,8 @@ class ClusterConfig(Section):
 class DeepSpeedConfig(Section):
     """The learners' DeepSpeed engine; clipping and batch sizes come from the stage."""
 
+    enabled: bool = True
+    """False: one learner trains in plain torch, no ZeRO (faster for small models)."""
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 2
     """ZeRO stage."""
     precision: Precision = "bf16"
@@ -369,18 +371,25 @@ class JobConfig(Section):
                 "(cluster.gpus_per_learner 0) train in 'fp32'"
             )
         for i, stage in enumerate(self.stages):
-            if stage.ema.enabled and engine.zero_stage == 3:
+            if stage.ema.enabled and engine.enabled and engine.zero_stage == 3:
                 raise ValueError(
                     f"stages.{i}.ema.enabled: EMA needs whole parameters on every rank; use "
                     "deepspeed.zero_stage <= 2 or turn the stage's EMA off"
                 )
             skips = stage.optimizer.on_nonfinite == "skip_step"
-            if skips and engine.zero_stage == 0 and engine.precision == "fp32":
+            if skips and engine.enabled and engine.zero_stage == 0 and engine.precision == "fp32":
                 raise ValueError(
                     f"stages.{i}.optimizer.on_nonfinite: 'skip_step' needs deepspeed.zero_stage "
                     ">= 1 (or bf16 / fp16): DeepSpeed's plain ZeRO-0 fp32 optimizer applies a "
                     "non-finite gradient"
                 )
+        if not engine.enabled and cluster.num_learners > 1:
+            raise ValueError(
+                f"deepspeed.enabled: false trains one learner in plain torch; "
+                f"cluster.num_learners is {cluster.num_learners}"
+            )
+        if not engine.enabled and (engine.offload_params or engine.offload_optimizer):
+            raise ValueError("deepspeed.enabled: false has no CPU offload; turn offload off")
         if engine.offload_params and engine.zero_stage != 3:
             raise ValueError("deepspeed.offload_params: needs deepspeed.zero_stage 3")
         if engine.offload_optimizer and engine.zero_stage == 0:

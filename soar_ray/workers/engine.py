@@ -2,7 +2,10 @@
 
 `build_deepspeed_engine` wraps the trainable module in a DeepSpeed ZeRO engine (stage 0-3, bf16 /
 fp16 / fp32, optional CPU offload). `LocalEngine` is plain torch in one process: the in-process
-reference that distributed runs are checked against.
+reference that distributed runs are checked against, and the engine of a single learner with
+`deepspeed.enabled: false` (no per-parameter bookkeeping: on small models that is most of a
+DeepSpeed step). Like DeepSpeed's bf16 / fp16 optimizers it updates fp32 master copies of
+lower-precision weights.
 
 Both refuse an optimizer step whose gradient norm is not finite (DeepSpeed's ZeRO 1-3, bf16 and
 fp16 optimizers through their overflow check, but not its plain ZeRO-0 fp32 optimizer;
@@ -131,14 +134,25 @@ def load_weights_only(path: str | Path, map_location: Any = None,
 
 
 class LocalEngine:
-    """AdamW, LR schedule, gradient clipping and accumulation behind DeepSpeed's engine API."""
+    """AdamW, LR schedule, gradient clipping and accumulation behind DeepSpeed's engine API.
+
+    Weights below fp32 get fp32 master copies: the gradients are cast onto them at an optimizer
+    step, AdamW updates them, and the weights are copied back rounded (an update smaller than
+    half a bf16 step of a weight would otherwise be lost). AdamW is torch's fused kernel on GPUs.
+    """
 
     def __init__(self, params: list[torch.nn.Parameter], cfg: OptimizerConfig,
                  gradient_accumulation_steps: int = 1) -> None:  # fmt: skip
         self.params, self.cfg = params, cfg
+        self.master = params
+        if any(p.dtype != torch.float32 for p in params):
+            self.master = [torch.nn.Parameter(p.detach().to(torch.float32, copy=True))
+                           for p in params]  # fmt: skip
+        fused = bool(params) and all(p.is_cuda for p in params)
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
+            self.master, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            fused=fused or None,
+        )  # fmt: skip
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg)
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.micro_steps = 0
@@ -158,16 +172,26 @@ class LocalEngine:
         gradient norm skips the update as DeepSpeed's overflow check does."""
         self._step_applied = False
         if self.is_gradient_accumulation_boundary():
+            if self.master is not self.params:
+                for master, param in zip(self.master, self.params, strict=True):
+                    master.grad = None if param.grad is None else param.grad.float()
+                    param.grad = None
             max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
             # Host sync: the norm is read back for logging once per optimizer step.
-            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.master, max_norm))
             self._step_applied = math.isfinite(self._grad_norm)
             if self._step_applied:
                 self.optimizer.step()
                 self.lr_scheduler.step()
+                self._copy_master_to_params()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_steps += 1
         self.micro_steps += 1
+
+    @torch.no_grad()
+    def _copy_master_to_params(self) -> None:
+        if self.master is not self.params:
+            torch._foreach_copy_(self.params, self.master)
 
     def was_step_applied(self) -> bool:
         """Whether the last `step()` updated the weights (False between boundaries)."""
@@ -183,11 +207,12 @@ class LocalEngine:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def save_checkpoint(self, save_dir: str | Path, tag: str, save_latest: bool = False) -> None:
-        """Parameters, optimizer and schedule under save_dir/tag (no `latest` file either way)."""
+        """Parameters (their fp32 masters where kept), optimizer and schedule under
+        save_dir/tag (no `latest` file either way)."""
         path = Path(save_dir) / tag
         path.mkdir(parents=True, exist_ok=True)
         state = {
-            "params": [p.detach().clone() for p in self.params],
+            "params": [p.detach().clone() for p in self.master],
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "micro_steps": self.micro_steps,
@@ -198,8 +223,9 @@ class LocalEngine:
     def load_checkpoint(self, load_dir: str | Path, tag: str) -> None:
         state = load_weights_only(Path(load_dir) / tag / "local_engine.pt")
         with torch.no_grad():
-            for param, saved in zip(self.params, state["params"], strict=True):
-                param.copy_(saved)
+            for master, saved in zip(self.master, state["params"], strict=True):
+                master.copy_(saved)
+        self._copy_master_to_params()
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
