@@ -11,6 +11,7 @@ splits=${1:-0,1}
 limit=${2:-570}
 study=/tmp/shapes
 nvidia-smi -L | tee "$OUT/log.txt"
+env | grep -E '^RAY_' | sed 's/=.*//' | sed 's/^/environment sets /' | tee -a "$OUT/log.txt"
 start=$(date +%s)
 timeout "$limit" python3 benchmarks/shapes_geneval.py --out "$study" --profile gpu \
   --split-seeds "$splits" --phases train >> "$OUT/log.txt" 2>&1

@@ -506,9 +506,11 @@ def run_protocol(out: Path, profile_name: str, profile: Profile, parallel: int) 
     from soar_ray.config import ClusterConfig
 
     # Loopback only, and a token of the study's own that its driver processes inherit.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # A token given in the environment is used, with token mode on in every case (a token
+    # alone starts a token-checking GCS that a client in the default mode cannot join).
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     out.mkdir(parents=True, exist_ok=True)
     pending = protocol_tasks(profile)
     with ray_session(ClusterConfig()) as session:
