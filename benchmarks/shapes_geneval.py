@@ -502,15 +502,14 @@ def run_protocol(out: Path, profile_name: str, profile: Profile, parallel: int) 
     """Every task of every split on one Ray (a local one unless RAY_ADDRESS names one), at most
     `parallel` driver processes at a time; results.json is rewritten as each task finishes.
     A failed task stops the protocol, naming its log (a rerun resumes)."""
-    from soar_ray.cluster.session import ray_session
-    from soar_ray.config import ClusterConfig
-
-    # Loopback only, and a token of the study's own that its driver processes inherit.
-    # A token given in the environment is used, with token mode on in every case (a token
-    # alone starts a token-checking GCS that a client in the default mode cannot join).
+    # Loopback only, and token mode with the environment's token or one of the study's own,
+    # which its driver processes inherit. Ray reads these at import: set them first.
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    from soar_ray.cluster.session import ray_session
+    from soar_ray.config import ClusterConfig
+
     out.mkdir(parents=True, exist_ok=True)
     pending = protocol_tasks(profile)
     with ray_session(ClusterConfig()) as session:
