@@ -18,12 +18,21 @@ manifest.json: schema_version, model_id, dtype, num_rows, shards [{file, num_row
 buckets {"WxH": {num_rows, latent_shape}}, cond_shapes {key: shape}, skipped {reason: count}.
 `model_id` is the identity string the caller passes (model, preset, weights revision); the reader
 refuses a cache built with any other.
+
+Writing: a plan fixed in advance (`plan_shards`) cuts the rows, by bucket, into encode batches and
+shards. Each shard is written under `<name>.partial` and renamed when complete, with its plan's
+key in the Parquet footer (`SHARD_KEY`); a rerun keeps the shards whose key matches and encodes
+the rest (`begin_cache`). `write_latent_cache` encodes in this process, `cache_ray.py` on Ray
+actors; both share the plan, the shard writer and the manifest, so they write the same bytes.
 """
 
+import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +42,16 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from soar_ray.data.dataset import ImageCaptionDataset, collate_samples
+from soar_ray.data.dataset import ImageCaptionDataset, Row, collate_samples
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 MANIFEST = "manifest.json"
 UNCOND = "uncond.parquet"
+SHARD_KEY = b"soar_ray.shard_key"
+"""Parquet footer metadata of a shard: the key of its plan (`ShardPlan.key`)."""
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _MANIFEST_FIELDS = {
     "schema_version": int,
@@ -70,8 +83,9 @@ def _schema(cond_keys: list[str], with_sample_columns: bool = True) -> pa.Schema
     return pa.schema(sample_fields + fields)
 
 
-def _to_rows(name: str, x: torch.Tensor, num_rows: int, dtype: str) -> list[bytes]:
-    """Per-sample raw bytes of a batch-first tensor, checked before any precision loss."""
+def _stored(name: str, x: torch.Tensor, num_rows: int, dtype: str) -> np.ndarray:
+    """A batch-first tensor as a C-order array of the storage dtype, checked before any precision
+    loss."""
     if x.ndim == 0 or x.shape[0] != num_rows:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected batch size {num_rows} first")
     # Host-device sync when the encoders run on a GPU; float32 first so the checks see exact values.
@@ -80,60 +94,67 @@ def _to_rows(name: str, x: torch.Tensor, num_rows: int, dtype: str) -> list[byte
         raise ValueError(f"{name} has non-finite values; refusing to cache them")
     if dtype == "float16" and x32.abs().max() > _FLOAT16_MAX:
         raise ValueError(f"{name} exceeds the float16 range; cache with dtype='float32'")
-    array = np.ascontiguousarray(x32.numpy().astype(DTYPES[dtype]))
-    return [array[i].tobytes() for i in range(num_rows)]
+    return np.ascontiguousarray(x32.numpy().astype(DTYPES[dtype]))
 
 
-def _encode_cond(
+def encode_batch(
+    encode_images: Callable[[torch.Tensor], torch.Tensor],
     encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
     captions: list[str],
-    cond_shapes: dict[str, list[int]],
+    pixels_BCHW: torch.Tensor | None,
     dtype: str,
+) -> dict[str, np.ndarray]:
+    """The encoding of one batch in the storage dtype: `latents` [B, C, h, w] (when pixels are
+    given) and `cond.<key>` [B, ...] per cond key. The one encoding step of both writers."""
+    arrays = {}
+    if pixels_BCHW is not None:
+        arrays["latents"] = _stored("latents", encode_images(pixels_BCHW), len(captions), dtype)
+    for key, value in sorted(encode_prompts(captions).items()):
+        arrays[f"cond.{key}"] = _stored(f"cond {key!r}", value, len(captions), dtype)
+    return arrays
+
+
+def load_batch(dataset: ImageCaptionDataset, indices: list[int]) -> dict[str, Any]:
+    """Samples `indices` of one bucket, decoded, resized and collated (pixels [B, 3, bh, bw])."""
+    return collate_samples([dataset.get(index, epoch=0) for index in indices])
+
+
+def _rows(array: np.ndarray) -> list[bytes]:
+    """Per-sample raw bytes (C order) of a batch-first array."""
+    return [array[i].tobytes() for i in range(len(array))]
+
+
+def _cond_columns(
+    arrays: dict[str, np.ndarray], cond_shapes: dict[str, list[int]]
 ) -> dict[str, list[bytes]]:
-    """Encode captions; the first call fixes the cond keys and per-sample shapes."""
-    cond = encode_prompts(captions)
+    """The cond.<key> columns of an encoded batch; the first call fixes the keys and shapes."""
+    cond = {name.removeprefix("cond."): a for name, a in arrays.items() if name.startswith("cond.")}
     if not cond_shapes:
         cond_shapes.update({key: list(value.shape[1:]) for key, value in sorted(cond.items())})
     if sorted(cond) != sorted(cond_shapes):
         raise ValueError(
             f"encode_prompts returned keys {sorted(cond)}, earlier {sorted(cond_shapes)}"
         )
-    columns = {}
     for key, value in cond.items():
         if list(value.shape[1:]) != cond_shapes[key]:
             shape = list(value.shape[1:])
             raise ValueError(f"cond {key!r} per-sample shape {shape} != {cond_shapes[key]}")
-        columns[f"cond.{key}"] = _to_rows(f"cond {key!r}", value, len(captions), dtype)
-    return columns
+    return {f"cond.{key}": _rows(value) for key, value in cond.items()}
 
 
-def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace a complete cache unless asked; clear leftovers of a partial one."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / MANIFEST).exists() and not overwrite:
-        raise ValueError(f"{out_dir / MANIFEST} exists; pass overwrite=True to rebuild the cache")
-    for path in [out_dir / MANIFEST, out_dir / UNCOND, *out_dir.glob("shard-*.parquet")]:
-        path.unlink(missing_ok=True)
-
-
-def _encode_batch(
-    batch: dict[str, Any],
-    encode_images: Callable[[torch.Tensor], torch.Tensor],
-    encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
-    cond_shapes: dict[str, list[int]],
-    dtype: str,
+def _shard_columns(
+    rows: list[Row], arrays: dict[str, np.ndarray], cond_shapes: dict[str, list[int]]
 ) -> dict[str, list[Any]]:
-    """Shard columns of one collated batch."""
-    num_rows = len(batch["md5"])
-    latents = encode_images(batch["pixels"])
+    """Shard columns of one encoded batch of dataset rows."""
+    latents = arrays["latents"]
     return {
-        "md5": batch["md5"],
-        "caption": batch["caption"],
-        "bw": [batch["bw"]] * num_rows,
-        "bh": [batch["bh"]] * num_rows,
-        "latents": _to_rows("latents", latents, num_rows, dtype),
-        "latents_shape": [list(latents.shape[1:])] * num_rows,
-        **_encode_cond(encode_prompts, batch["caption"], cond_shapes, dtype),
+        "md5": [row.md5 for row in rows],
+        "caption": [row.caption for row in rows],
+        "bw": [row.bw for row in rows],
+        "bh": [row.bh for row in rows],
+        "latents": _rows(latents),
+        "latents_shape": [list(latents.shape[1:])] * len(rows),
+        **_cond_columns(arrays, cond_shapes),
     }
 
 
@@ -149,6 +170,161 @@ def _bucket_chunks(buckets: list[tuple[int, int]], batch_size: int) -> list[list
     ]
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard of a cache being written: its encode batches (dataset indices) and its key."""
+
+    index: int
+    batches: list[list[int]]
+    key: str
+    """sha256 of all the shard's bytes depend on besides the encoders' weights: schema version,
+    model id, dtype, and each row's md5, caption and bucket, batch by batch."""
+
+    @property
+    def file(self) -> str:
+        return f"shard-{self.index:05d}.parquet"
+
+    @property
+    def num_rows(self) -> int:
+        return sum(len(batch) for batch in self.batches)
+
+
+def plan_shards(
+    dataset: ImageCaptionDataset, *, model_id: str, dtype: str, batch_size: int, rows_per_shard: int
+) -> list[ShardPlan]:
+    """The fixed layout of a cache: rows by bucket (sorted), in index order, cut into encode
+    batches; a shard closes at the first batch boundary at or past `rows_per_shard` rows (so one
+    may exceed it by a batch). It depends on the arguments alone, so a rerun plans the same."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size <= 0 or rows_per_shard <= 0:
+        raise ValueError(f"batch_size={batch_size}, rows_per_shard={rows_per_shard}: need > 0")
+    if dataset.random_flip:
+        raise ValueError("a latent cache stores one view per image; use random_flip=False")
+    groups: list[list[list[int]]] = []
+    for chunk in _bucket_chunks(dataset.buckets, batch_size):
+        if not groups or sum(map(len, groups[-1])) >= rows_per_shard:
+            groups.append([])
+        groups[-1].append(chunk)
+    return [ShardPlan(index, batches, _shard_key(dataset, batches, model_id, dtype))
+            for index, batches in enumerate(groups)]  # fmt: skip
+
+
+def _shard_key(
+    dataset: ImageCaptionDataset, batches: list[list[int]], model_id: str, dtype: str
+) -> str:
+    """`ShardPlan.key` of a shard holding `batches` of `dataset`."""
+    rows = [[dataset.rows[index] for index in batch] for batch in batches]
+    fields = [[(row.md5, row.caption, row.bw, row.bh) for row in batch] for batch in rows]
+    content = json.dumps([SCHEMA_VERSION, model_id, dtype, fields]).encode()
+    return hashlib.sha256(content).hexdigest()
+
+
+def _stored_key(path: Path) -> str | None:
+    """The plan key in a shard file's footer; None for a file that is not a readable shard."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    key = metadata.get(SHARD_KEY)
+    return key.decode() if key is not None else None
+
+
+def begin_cache(out_dir: Path, shards: list[ShardPlan], overwrite: bool) -> list[ShardPlan]:
+    """Make `out_dir` ready for `shards`; returns those still to write. A complete cache (one with
+    a manifest) is refused unless `overwrite`, which also starts from nothing. Otherwise shards
+    an unfinished run completed for the same plan are kept: complete means under the shard's
+    final name (only a fully written file gets it) with the planned key. The rest is removed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / MANIFEST).exists() and not overwrite:
+        raise ValueError(f"{out_dir / MANIFEST} exists; pass overwrite=True to rebuild the cache")
+    planned = {shard.file: shard.key for shard in shards}
+    kept, removed = set(), 0
+    for path in sorted(out_dir.glob("shard-*.parquet")):
+        if not overwrite and planned.get(path.name) == _stored_key(path):
+            kept.add(path.name)
+        else:
+            path.unlink()
+            removed += 1
+    for path in [out_dir / MANIFEST, out_dir / UNCOND, *out_dir.glob("*.partial")]:
+        path.unlink(missing_ok=True)
+    if kept or (removed and not overwrite):
+        # A warning, so it shows without logging set up: this run reuses or drops earlier work.
+        logger.warning("%s: resuming with %d of %d shards complete; removed %d from another plan "
+                       "or run", out_dir, len(kept), len(shards), removed)  # fmt: skip
+    return [shard for shard in shards if shard.file not in kept]
+
+
+def cache_progress(shards: list[ShardPlan], todo: list[ShardPlan]) -> tqdm:
+    """Progress bar of images written, starting at those of the shards already complete."""
+    total, left = (sum(shard.num_rows for shard in group) for group in (shards, todo))
+    return tqdm(total=total, initial=total - left, unit="img", desc="cache")
+
+
+def write_shard(
+    out_dir: Path,
+    shard: ShardPlan,
+    encoded: Iterable[dict[str, np.ndarray]],
+    dataset: ImageCaptionDataset,
+    cond_shapes: dict[str, list[int]],
+    bar: tqdm,
+) -> None:
+    """Write a shard from the encodings of its batches (in plan order), one row group each, under
+    a temporary name that becomes the final one once the file is complete."""
+    staging = out_dir / f"{shard.file}.partial"
+    writer: pq.ParquetWriter | None = None
+    try:
+        for batch, arrays in zip(shard.batches, encoded, strict=True):
+            columns = _shard_columns([dataset.rows[i] for i in batch], arrays, cond_shapes)
+            if writer is None:
+                schema = _schema(sorted(cond_shapes)).with_metadata({SHARD_KEY: shard.key})
+                writer = pq.ParquetWriter(staging, schema)
+            writer.write_table(pa.table(columns, schema=writer.schema))
+            bar.update(len(batch))
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(staging, out_dir / shard.file)
+
+
+def finish_cache(
+    out_dir: Path,
+    shards: list[ShardPlan],
+    dataset: ImageCaptionDataset,
+    uncond: dict[str, np.ndarray],
+    cond_shapes: dict[str, list[int]],
+    *,
+    model_id: str,
+    dtype: str,
+) -> Path:
+    """Write uncond.parquet (from the encoding of ""), then manifest.json, atomically and last;
+    bucket sizes and latent shapes are read back from the shards. Returns the manifest path."""
+    uncond_columns = _cond_columns(uncond, cond_shapes)
+    uncond_schema = _schema(sorted(cond_shapes), with_sample_columns=False)
+    pq.write_table(pa.table(uncond_columns, schema=uncond_schema), out_dir / UNCOND)
+    buckets: dict[str, dict[str, Any]] = {}
+    for shard in shards:
+        parquet = _open_parquet(out_dir / shard.file, _schema(sorted(cond_shapes)))
+        table = parquet.read(columns=["bw", "bh", "latents_shape"])
+        for bw, bh, shape in zip(*(table.column(name).to_pylist() for name in table.column_names)):
+            bucket = buckets.setdefault(f"{bw}x{bh}", {"num_rows": 0, "latent_shape": shape})
+            bucket["num_rows"] += 1
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "model_id": model_id,
+        "dtype": dtype,
+        "num_rows": len(dataset),
+        "shards": [{"file": shard.file, "num_rows": shard.num_rows} for shard in shards],
+        "buckets": buckets,
+        "cond_shapes": cond_shapes,
+        "skipped": dict(dataset.skipped),
+    }
+    staging = out_dir / f"{MANIFEST}.partial"
+    staging.write_text(json.dumps(manifest, indent=2))
+    os.replace(staging, out_dir / MANIFEST)
+    return out_dir / MANIFEST
+
+
 def write_latent_cache(
     dataset: ImageCaptionDataset,
     out_dir: str | Path,
@@ -161,58 +337,23 @@ def write_latent_cache(
     dtype: str = "float32",
     overwrite: bool = False,
 ) -> Path:
-    """Encode every sample of `dataset` into a cache folder; returns the manifest path."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if batch_size <= 0 or rows_per_shard <= 0:
-        raise ValueError(f"batch_size={batch_size}, rows_per_shard={rows_per_shard}: need > 0")
-    if dataset.random_flip:
-        raise ValueError("a latent cache stores one view per image; use random_flip=False")
+    """Encode every sample of `dataset` into a cache folder in this process, resuming an
+    unfinished one (`begin_cache`); returns the manifest path. `write_latent_cache_ray` in
+    cache_ray.py writes the same files with Ray Data."""
     out_dir = Path(out_dir)
-    _prepare_folder(out_dir, overwrite)
+    shards = plan_shards(dataset, model_id=model_id, dtype=dtype, batch_size=batch_size,
+                         rows_per_shard=rows_per_shard)  # fmt: skip
+    todo = begin_cache(out_dir, shards, overwrite)
     cond_shapes: dict[str, list[int]] = {}
-    shards: list[dict[str, Any]] = []
-    buckets: dict[str, dict[str, Any]] = {}
-    writer: pq.ParquetWriter | None = None
-    with torch.inference_mode(), tqdm(total=len(dataset), unit="img", desc="cache") as bar:
-        for chunk in _bucket_chunks(dataset.buckets, batch_size):
-            batch = collate_samples([dataset.get(index, epoch=0) for index in chunk])
-            columns = _encode_batch(batch, encode_images, encode_prompts, cond_shapes, dtype)
-            # Shards close at batch boundaries, so one may exceed rows_per_shard by a batch.
-            if writer is None or shards[-1]["num_rows"] >= rows_per_shard:
-                if writer is not None:
-                    writer.close()
-                shards.append({"file": f"shard-{len(shards):05d}.parquet", "num_rows": 0})
-                writer = pq.ParquetWriter(
-                    out_dir / shards[-1]["file"], _schema(sorted(cond_shapes))
-                )
-            writer.write_table(pa.table(columns, schema=_schema(sorted(cond_shapes))))
-            shards[-1]["num_rows"] += len(chunk)
-            bucket = buckets.setdefault(
-                f"{batch['bw']}x{batch['bh']}",
-                {"num_rows": 0, "latent_shape": columns["latents_shape"][0]},
-            )
-            bucket["num_rows"] += len(chunk)
-            bar.update(len(chunk))
-        if writer is not None:
-            writer.close()
-        uncond = _encode_cond(encode_prompts, [""], cond_shapes, dtype)
-    uncond_schema = _schema(sorted(cond_shapes), with_sample_columns=False)
-    pq.write_table(pa.table(uncond, schema=uncond_schema), out_dir / UNCOND)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "model_id": model_id,
-        "dtype": dtype,
-        "num_rows": len(dataset),
-        "shards": shards,
-        "buckets": buckets,
-        "cond_shapes": cond_shapes,
-        "skipped": dict(dataset.skipped),
-    }
-    staging = out_dir / f"{MANIFEST}.partial"
-    staging.write_text(json.dumps(manifest, indent=2))
-    os.replace(staging, out_dir / MANIFEST)
-    return out_dir / MANIFEST
+    with torch.inference_mode(), cache_progress(shards, todo) as bar:
+        for shard in todo:
+            batches = (load_batch(dataset, indices) for indices in shard.batches)
+            encoded = (encode_batch(encode_images, encode_prompts, batch["caption"],
+                                    batch["pixels"], dtype) for batch in batches)  # fmt: skip
+            write_shard(out_dir, shard, encoded, dataset, cond_shapes, bar)
+        uncond = encode_batch(encode_images, encode_prompts, [""], None, dtype)
+    return finish_cache(out_dir, shards, dataset, uncond, cond_shapes, model_id=model_id,
+                        dtype=dtype)  # fmt: skip
 
 
 def _check_fields(path: Path, obj: Any, fields: dict[str, type]) -> None:
