@@ -65,9 +65,18 @@ class StageLoop:
             self.step += 1
             yield self.step
 
-    def due(self, every: int) -> bool:
-        """Whether something scheduled `every` iterations (0: never) runs after this one."""
-        return every > 0 and (self.step % every == 0 or self.step == self.total)
+    def due(self, every: int, step: int | None = None) -> bool:
+        """Whether something scheduled `every` iterations (0: never) runs after iteration `step`
+        (default: the current one)."""
+        step = self.step if step is None else step
+        return every > 0 and (step % every == 0 or step == self.total)
+
+    def holds_after(self, step: int) -> bool:
+        """Whether the learners' state after iteration `step` is read before the next one runs:
+        the stage ends, or a checkpoint or sample grid is due. Otherwise a driver may queue the
+        next iteration's call while this one runs."""
+        every = (self.checkpoint_every, self.ctx.job.logging.sample_every)
+        return step >= self.total or any(self.due(n, step) for n in every)
 
     def end(self, metrics: dict[str, Any], postfix: dict[str, str],
             render: Callable[[], Path] | None = None) -> None:  # fmt: skip

@@ -93,18 +93,25 @@ def run_soar_stage(ctx: StageContext, stage_index: int, start: StageStart) -> St
         ctx.sync.push(loop.version)
     if job.logging.sample_every and loop.step == 0:
         ctx.render_samples(loop.name, 0, loop.version)
+
+    def train(inputs: list) -> list[ray.ObjectRef]:
+        return ctx.learners.scatter(Learner.train, [(x,) for x in inputs])
+
+    queued: list[ray.ObjectRef] | None = None
     for step in loop:
         start_time = time.perf_counter()
         if prefetch is not None:
             inputs, made_with = prefetch.next()
-            metrics = ctx.learners.get(ctx.learners.scatter(Learner.train, [(x,) for x in inputs]))[
-                0
-            ]
+            metrics = ctx.learners.get(train(inputs))[0]
             metrics["staleness"] = loop.version - made_with
             assert metrics["staleness"] <= stage.max_staleness, metrics  # invariant of the queue
         else:
-            shards = [(batch,) for batch in next(batches)]
-            metrics = ctx.learners.get(ctx.learners.scatter(Learner.train, shards))[0]
+            # The next step's call is queued behind this one unless a checkpoint or sample grid
+            # reads the state in between: its batch travels to the learners while they train.
+            running, queued = queued or train(next(batches)), None
+            if not loop.holds_after(step):
+                queued = train(next(batches))
+            metrics = ctx.learners.get(running)[0]
         if step % accumulation == 0:
             loop.version += 1
             if disaggregated:
