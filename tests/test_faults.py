@@ -54,19 +54,27 @@ def _start(job, run_dir):
 
 
 def _learner_pid_after_step(run_dir, rank, step, timeout_s=180):
-    """The pid of learner `rank`, once the run has logged `step`."""
+    """The pid of learner `rank` (asked after the run's first step: the question waits in the
+    actor's queue behind the train calls the driver has queued), once the run has logged `step`
+    (the learners are then in a later step's train call; checkpoints here come every 4 steps)."""
     deadline = time.monotonic() + timeout_s
-    while max(_steps(run_dir), default=0) < step:
-        assert time.monotonic() < deadline, f"the run did not reach step {step}"
-        time.sleep(0.1)
-    return ray.get(ray.get_actor(f"learner-{rank}").node.remote(), timeout=60)[2]
+
+    def wait_for(target):
+        while max(_steps(run_dir), default=0) < target:
+            assert time.monotonic() < deadline, f"the run did not reach step {target}"
+            time.sleep(0.02)
+
+    wait_for(1)
+    pid = ray.get(ray.get_actor(f"learner-{rank}").node.remote(), timeout=60)[2]
+    wait_for(step)
+    return pid
 
 
 def test_a_stopped_learner_is_named_stalled_and_the_run_says_where_to_resume(ray_local, tmp_path):
     job = _job(tmp_path, "stages.0.num_steps=200", "checkpoint.every=4",
                "cluster.stall_timeout_s=5")  # fmt: skip
     thread, result = _start(job, tmp_path)
-    pid = _learner_pid_after_step(tmp_path, 1, 6)
+    pid = _learner_pid_after_step(tmp_path, 1, 5)
     os.kill(pid, signal.SIGSTOP)
     try:
         thread.join(timeout=120)

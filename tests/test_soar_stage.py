@@ -11,6 +11,7 @@ import pytest
 import ray
 import torch
 from diffusers import SD3Transformer2DModel
+from test_monitoring import exported_gauges
 
 from soar_ray.algo.flow import cat_cond, make_schedule
 from soar_ray.algo.soar import AuxPoint, SoarInputs, prepare_soar_inputs
@@ -65,6 +66,9 @@ def test_disaggregated_rollout_is_stale_by_at_most_max_staleness(ray_local, tmp_
     assert staleness == [0, 1, 1, 1, 1, 1]
     assert [r["policy_version"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["aux_points_per_sample"] == 6.0 for r in rows)
+    # The rollout workers' rate, on docker/monitoring's dashboard beside the learners'.
+    assert all(r["rollout_samples_per_s"] > 0 for r in rows)
+    assert "ray_soar_ray_rollout_samples_per_s" in exported_gauges(rows)
 
 
 def _rank_inputs(job, num_ranks, batch_size):

@@ -11,7 +11,10 @@ Rollout workers are restartable: a call lost with its worker runs again on the r
 Learner liveness: every learner call is timed per method; once a method has 3 timings, waiting
 for it is bounded by max(`cluster.stall_timeout_s`, 10 x its median), at most
 `cluster.call_timeout_s`. A learner past that bound, or one that died, stops the run with
-`LearnerFailed` naming the learner (its actor name on the dashboard), its process and node.
+`LearnerFailed` naming the learner (its actor name on the dashboard), its process and node. A
+learner lost with its node takes its peers' collectives down first (they fail on the closed
+connection a moment before Ray reports the loss): a failed call therefore probes every learner,
+and names all that are dead or unreachable rather than a survivor's error.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ STALL_FACTOR = 10
 `cluster.stall_timeout_s`)."""
 TIMED_CALLS = 3
 """Timings of a method before its calls get a deadline from them."""
+LOSS_PROBE_S = 10.0
+"""Seconds a failed learner call waits for every learner to answer a probe: a dead or unreachable
+one answers with an error, a busy one (held in a collective by the failed rank) late, as alive."""
 KILL_WAIT_S = 60.0
 RESTART_POLL_S = 0.2
 """Seconds between asks whether Ray has restarted a lost rollout worker."""
@@ -94,7 +100,7 @@ class LearnerGroup:
         ]  # fmt: skip
         self.timeout_s, self.stall_timeout_s = cluster.call_timeout_s, cluster.stall_timeout_s
         self._timings: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=50))
-        self._started: dict[ray.ObjectRef, tuple[str, float]] = {}
+        self._started: dict[ray.ObjectRef, tuple[str, float, int]] = {}  # method, start, rank
         try:
             nodes = ray.get([actor.node.remote() for actor in self.actors],
                             timeout=cluster.start_timeout_s)  # fmt: skip
@@ -126,7 +132,7 @@ class LearnerGroup:
 
     def _timed(self, method: Method, refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
         started = (method.__qualname__, time.monotonic())
-        self._started.update(dict.fromkeys(refs, started))
+        self._started.update({ref: (*started, rank) for rank, ref in enumerate(refs)})
         return refs
 
     def call(self, method: Method, *args: Any, **kwargs: Any) -> list[Any]:
@@ -148,15 +154,14 @@ class LearnerGroup:
         refs = list(refs)
         if not refs:
             return []
-        method, start = self._started[refs[0]]
-        for ref in refs:
-            self._started.pop(ref, None)
+        method, start, _ = self._started[refs[0]]
+        ranks = {ref: self._started.pop(ref)[2] for ref in refs}
         limit, pending = self.deadline(method), refs
         while pending:  # one at a time: a dead learner is reported while the others wait on it
             ready, pending = ray.wait(pending, num_returns=1,
                                       timeout=max(0.0, start + limit - time.monotonic()))  # fmt: skip
             if not ready:
-                late = ", ".join(self.where[refs.index(ref) % self.world_size] for ref in pending)
+                late = ", ".join(self.where[ranks[ref]] for ref in pending)
                 raise LearnerFailed(
                     f"{late}: no answer to {method} after {time.monotonic() - start:.0f} s (the "
                     f"limit is max(cluster.stall_timeout_s {self.stall_timeout_s:g} s, "
@@ -164,26 +169,56 @@ class LearnerGroup:
                     f"cluster.call_timeout_s {self.timeout_s:g} s): a stopped or hung process, a "
                     "stuck collective or a lost GPU; the run stops"
                 )
-            self._raise_failure(ready[0], method)
-        self._timings[method].append(time.monotonic() - start)
+            self._raise_failure(ready[0], ranks[ready[0]], method)
+        now = time.monotonic()
+        self._timings[method].append(now - start)
+        # Calls still out were queued behind these (a driver submits the next step's call
+        # before it collects this one): each actor runs one call at a time, so theirs start now.
+        self._started = {ref: (name, max(t, now), rank)
+                         for ref, (name, t, rank) in self._started.items()}  # fmt: skip
         return ray.get(refs)
 
-    def _raise_failure(self, ref: ray.ObjectRef, method: str) -> None:
-        """Raise what a finished call failed with: a learner's `RunStopped` as itself, a dead
-        learner as `LearnerFailed` naming it, anything else as Ray raises it."""
+    def _raise_failure(self, ref: ray.ObjectRef, rank: int, method: str) -> None:
+        """Raise what rank `rank`'s finished call failed with: a learner's `RunStopped` as itself;
+        `LearnerFailed` naming every learner that is dead or unreachable (`lost`) when there is
+        one, the rank's own error then only following from it; anything else as Ray raises it."""
         try:
             ray.get(ref)
+            return
         except RayTaskError as exc:
             if isinstance(exc.cause, RunStopped):
                 raise exc.cause from None
-            raise
+            lost = self.lost()
+            if not lost:
+                raise
+            followed = f"learner-{rank}'s {type(exc.cause).__name__}"
         except RayActorError as exc:
-            rank = self._rank_of(exc)
-            who = self.where[rank] if rank is not None else "a learner"
-            raise LearnerFailed(
-                f"{who} died during {method} ({type(exc).__name__}); the learners cannot go on "
-                "without it and the run stops"
-            ) from None
+            lost = {**self.lost(), rank: type(exc).__name__}
+            followed = None
+        ranks = sorted(lost)
+        who = " and ".join(self.where[r] for r in ranks)
+        why = ", ".join(sorted(set(lost.values())))
+        them = "it" if len(ranks) == 1 else "them"
+        raise LearnerFailed(
+            f"{who} died during {method} ({why}: the process or its node is gone); the learners "
+            f"cannot go on without {them} and the run stops"
+            + (f" ({followed} followed from {them})" if followed else "")
+        ) from None
+
+    def lost(self, timeout_s: float = LOSS_PROBE_S) -> dict[int, str]:
+        """Rank -> Ray's error for every learner that is dead or unreachable: its probe fails
+        within `timeout_s`. A learner busy for longer counts as alive."""
+        probes = [actor.__ray_ready__.remote() for actor in self.actors]
+        ray.wait(probes, num_returns=len(probes), timeout=timeout_s)
+        lost = {}
+        for rank, probe in enumerate(probes):
+            try:
+                ray.get(probe, timeout=0)
+            except RayActorError as exc:
+                lost[rank] = type(exc).__name__
+            except GetTimeoutError:
+                continue  # busy, not lost
+        return lost
 
     def deadline(self, method: str) -> float:
         """Seconds a call of `method` may take: `call_timeout_s` until it has been timed
@@ -193,13 +228,6 @@ class LearnerGroup:
             return self.timeout_s
         stalled = max(self.stall_timeout_s, STALL_FACTOR * statistics.median(timings))
         return min(self.timeout_s, stalled)
-
-    def _rank_of(self, exc: RayActorError) -> int | None:
-        actor_id = getattr(exc, "actor_id", None)
-        for rank, actor in enumerate(self.actors):
-            if actor_id is not None and actor._actor_id.hex() == actor_id:
-                return rank
-        return None
 
     def kill(self) -> None:
         kill_actors(self.actors)

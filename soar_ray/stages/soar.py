@@ -24,6 +24,7 @@ from soar_ray.data.dataset import ImageCaptionDataset, build_index
 from soar_ray.data.loader import iter_batches
 from soar_ray.stages.context import StageContext
 from soar_ray.stages.loop import StageLoop, StageResult, StageStart
+from soar_ray.workers.grpo import RolloutInfo
 from soar_ray.workers.learner import Learner
 from soar_ray.workers.rollout import RolloutWorker
 
@@ -35,9 +36,10 @@ class AuxPrefetcher:
         self.ctx, self.batches, self.depth = ctx, batches, depth
         self.queue: deque[list[RolloutCall]] = deque()
 
-    def next(self) -> tuple[list[ray.ObjectRef], int]:
+    def next(self) -> tuple[list[ray.ObjectRef], int, float]:
         """The next step's per-rank inputs (refs that exist: a call lost with its worker has
-        been rerun) and the oldest version among them."""
+        been rerun), the oldest version among them, and the rollout workers' samples per second
+        making them (per worker's busy time, as GRPO's `sampling_images_per_s`)."""
         while len(self.queue) <= self.depth:
             batches = next(self.batches, None)
             if batches is None:
@@ -46,8 +48,11 @@ class AuxPrefetcher:
                                for batch in batches])  # fmt: skip
         calls = self.queue.popleft()
         self.ctx.rollouts.wait(calls)
-        versions = ray.get([call.refs[1] for call in calls])
-        return [call.refs[0] for call in calls], min(versions)
+        infos: list[RolloutInfo] = ray.get([call.refs[1] for call in calls])
+        busy_s = sum(info.seconds for info in infos) / len(self.ctx.rollouts)
+        num_samples = self.ctx.job.data.batch_size * len(calls)
+        return ([call.refs[0] for call in calls], min(info.version for info in infos),
+                num_samples / busy_s)  # fmt: skip
 
 
 def check_soar_stage(job: JobConfig, stage_index: int) -> None:
@@ -101,9 +106,10 @@ def run_soar_stage(ctx: StageContext, stage_index: int, start: StageStart) -> St
     for step in loop:
         start_time = time.perf_counter()
         if prefetch is not None:
-            inputs, made_with = prefetch.next()
+            inputs, made_with, rollout_samples_per_s = prefetch.next()
             metrics = ctx.learners.get(train(inputs))[0]
             metrics["staleness"] = loop.version - made_with
+            metrics["rollout_samples_per_s"] = rollout_samples_per_s
             assert metrics["staleness"] <= stage.max_staleness, metrics  # invariant of the queue
         else:
             # The next step's call is queued behind this one unless a checkpoint or sample grid

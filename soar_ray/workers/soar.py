@@ -8,6 +8,7 @@ inputs on a rollout worker, stamped with its policy version.
 
 from __future__ import annotations
 
+import time
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from soar_ray.algo.soar import (
 from soar_ray.config import JobConfig, SoarStage
 from soar_ray.models import SD3Model
 from soar_ray.models.sd3 import SD3_SCHEDULE_SHIFT
+from soar_ray.workers.grpo import RolloutInfo
 
 if TYPE_CHECKING:
     from soar_ray.workers.learner import Learner
@@ -114,8 +116,10 @@ class SoarRollout:
         self.worker, self.hp = worker, soar_hyperparams(stage)
         self.schedule = make_schedule(shift=SD3_SCHEDULE_SHIFT)
 
-    def rollout(self, batch: dict[str, Any]) -> tuple[SoarInputs, int]:
+    def rollout(self, batch: dict[str, Any]) -> tuple[SoarInputs, RolloutInfo]:
         """Encode one rank's batch, then draws, CFG rollout and aux points; with the version of
-        the weights that made them (the learner then only runs the graded forward)."""
-        inputs = prepare_batch(self.worker, batch, self.schedule, self.hp)
-        return inputs.to("cpu"), self.worker.version
+        the weights that made them (the learner then only runs the graded forward) and the
+        seconds they took."""
+        start = time.perf_counter()
+        inputs = prepare_batch(self.worker, batch, self.schedule, self.hp).to("cpu")
+        return inputs, RolloutInfo(self.worker.version, time.perf_counter() - start)
