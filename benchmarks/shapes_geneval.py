@@ -335,14 +335,17 @@ def frechet_to_truth(study: Study, eval_dir: Path) -> float:
 
 
 def evaluate_run(study: Study, world, run_dir: Path, stage: str, steps_list: tuple[int, ...]):
-    """Every checkpoint of a run at the first step count (the curve), the output at all."""
+    """Every checkpoint of a run on the held-out prompts at the first step count (the curve),
+    the last one on the seen prompts too, the output at every step count."""
     curve = []
-    for folder in sorted((run_dir / "checkpoints").glob("step-*")):
-        if not (folder / "transformer" / "config.json").is_file():
-            continue
-        step = int(folder.name.rsplit("-", 1)[1])
-        point = {"step": step}
-        for name, prompts in (("seen", world.eval_seen), ("held_out", world.eval_held_out)):
+    folders = [folder for folder in sorted((run_dir / "checkpoints").glob("step-*"))
+               if (folder / "transformer" / "config.json").is_file()]  # fmt: skip
+    for folder in folders:
+        point = {"step": int(folder.name.rsplit("-", 1)[1])}
+        sets = [("held_out", world.eval_held_out)]
+        if folder == folders[-1]:
+            sets.append(("seen", world.eval_seen))
+        for name, prompts in sets:
             out = run_dir / "eval" / f"{folder.name}-{name}-{steps_list[0]}"
             point[name] = evaluate(study, folder / "transformer", prompts, steps_list[0], out)
         curve.append(point)
@@ -608,6 +611,9 @@ def main() -> None:
     parser.add_argument("--split-seeds", help="override the profile's, e.g. 0")
     parser.add_argument("--parallel", type=int, help="runs at a time (default: the profile's "
                         "parallel_per_device per GPU, or per 4 CPUs)")  # fmt: skip
+    parser.add_argument("--merge", help="report phase: first merge the splits of these "
+                        "results.json files (comma-separated; e.g. one GPU call per split) into "
+                        "OUT/results.json")  # fmt: skip
     parser.add_argument("--task", help=argparse.SUPPRESS)  # a driver process of the protocol
     args = parser.parse_args()
     profile = PROFILES[args.profile]
@@ -624,8 +630,12 @@ def main() -> None:
             out, args.profile, profile, args.parallel or profile.parallel_per_device * devices
         )
     if "report" in phases:
-        from shapes_report import write_report
+        from shapes_report import merge_results, write_report
 
+        if args.merge:
+            out.mkdir(parents=True, exist_ok=True)
+            merged = merge_results([json.loads(Path(f).read_text()) for f in args.merge.split(",")])
+            (out / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
         write_report(json.loads((out / "results.json").read_text()), out)
 
 

@@ -1,7 +1,8 @@
 """Plots and tables of the shapes study (`benchmarks/shapes_geneval.py --phases report`): the
-held-out and seen GenEval score against post-training step per method (mean +- std over seeds and
-split seeds), per-tag bars of the final scores, the GRPO reward curves, and a Markdown table for
-benchmarks/RESULTS.md. Needs matplotlib (`pip install matplotlib`)."""
+held-out GenEval score against post-training step per method (mean +- std over seeds and split
+seeds, the base as a line), per-tag bars of the final scores, the GRPO reward curves, and a
+Markdown table (held-out and seen) for benchmarks/RESULTS.md. Needs matplotlib
+(`pip install matplotlib`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ def gather(results: dict[str, Any]) -> dict[str, list[dict]]:
         for run, data in split.get("methods", {}).items():
             runs[method_of(run)].append(data)
     return runs
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from several with the same profile and different split seeds (e.g. one
+    device call per split)."""
+    merged = {"profile": parts[0]["profile"], "splits": {}}
+    for part in parts:
+        if part["profile"] != merged["profile"]:
+            raise SystemExit("--merge: the results were made with different profiles")
+        twice = set(part["splits"]) & set(merged["splits"])
+        if twice:
+            raise SystemExit(f"--merge: split seed(s) {sorted(twice)} appear in two results")
+        merged["splits"].update(part["splits"])
+    return merged
 
 
 def train_seconds(results: dict[str, Any], method: str) -> str:
@@ -78,24 +93,27 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
         raise SystemExit(f"the report needs matplotlib: pip install matplotlib ({exc})") from None
     runs = gather(results)
     paths = []
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for axis, name in zip(axes, ("held_out", "seen")):
-        for method, data in sorted(runs.items()):
-            steps = [p["step"] for p in data[0]["curve"]]
-            values = np.array([[p[name]["overall"] for p in run["curve"]] for run in data])
-            mean, std = values.mean(0), values.std(0)
-            axis.plot(steps, mean, marker="o", label=method)
-            axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
-        axis.set_title(f"{name.replace('_', '-')} compositions")
-        axis.set_xlabel("post-training step (sft-compute: SOAR's compute per step)")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("GenEval overall (shapes_geneval, EMA weights)")
-    axes[1].legend(fontsize=8)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    key = f"held_out_{results['profile']['eval_steps'][0]}"
+    base = [split["base"]["final"][key]["overall"] for split in results["splits"].values()
+            if "base" in split]  # fmt: skip
+    if base:
+        axis.axhline(np.mean(base), color="black", linestyle="--", label="base")
+    for method, data in sorted(runs.items()):
+        steps = [p["step"] for p in data[0]["curve"]]
+        values = np.array([[p["held_out"]["overall"] for p in run["curve"]] for run in data])
+        mean, std = values.mean(0), values.std(0)
+        axis.plot(steps, mean, marker="o", label=method)
+        axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    axis.set_title("held-out compositions")
+    axis.set_xlabel("post-training step (sft-compute: SOAR's compute per step)")
+    axis.set_ylabel("GenEval overall (shapes_geneval, EMA weights)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     paths.append(out / "score_vs_step.png")
     figure.tight_layout()
     figure.savefig(paths[-1], dpi=120)
 
-    key = f"held_out_{results['profile']['eval_steps'][0]}"
     tags = sorted({t for data in runs.values() for r in data for t in r["final"][key]["per_tag"]})
     figure, axis = plt.subplots(figsize=(11, 4))
     width = 0.8 / max(1, len(runs))

@@ -17,7 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     from shapes_geneval import PROFILES, run_protocol, soar_compute_ratio
-    from shapes_report import markdown_table
+    from shapes_report import markdown_table, merge_results
 
     profile = PROFILES["test"]
     results = run_protocol(tmp_path, "test", profile, parallel=2)
@@ -50,6 +50,18 @@ def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     sft = split["methods"]["sft-seed0"]
     assert sft["curve"][-1]["step"] == profile.posttrain_steps
     assert sft["curve"][-1]["held_out"] == sft["final"]["held_out_2"]
+    # The curve is on held-out prompts; the seen ones are evaluated at the last checkpoint only.
+    assert [set(p) for p in sft["curve"]] == [{"step", "held_out"}] * (len(sft["curve"]) - 1) + [
+        {"step", "held_out", "seen"}
+    ]
+    assert sft["curve"][-1]["seen"] == sft["final"]["seen_2"]
     assert (root / "sft-seed0" / "eval" / "step-00-0000002-held_out-2" / "index.html").is_file()
     table = markdown_table(results)
     assert "| soar-cfg4.5 | 1 |" in table and "GRPO from sft (split 0)" in table
+    # One device call per split: their results merge into one report; a split twice is refused.
+    other = {**results, "splits": {"1": split}}
+    merged = merge_results([results, other])
+    assert merged["splits"] == {"0": split, "1": split}
+    assert "| soar-cfg4.5 | 2 |" in markdown_table(merged)
+    with pytest.raises(SystemExit, match=r"split seed\(s\) \['0'\] appear in two results"):
+        merge_results([results, results])
