@@ -1,23 +1,25 @@
 """A multi-node topology on one machine: a `ray.cluster_utils.Cluster` of a head (the driver's
-node, no CPUs for the job) and three worker nodes, each labelled by a custom resource (`node_a`
-...), every server on 127.0.0.1, with the session's token. The tiny job (two ZeRO-2 learners on
-gloo, a disaggregated rollout worker making the aux points) runs with
-`cluster.placement_strategy: STRICT_SPREAD`: the learners and the rollout worker land on three
-different nodes, none on the driver's; learner-1 reaches the rendezvous store at rank 0's node
-address, served by rank 0's own process; both ranks write one checkpoint in the shared folder.
-Then the node holding learner-1 is lost mid-step (its processes SIGKILLed, as when a machine
-dies) while learner-0 waits on learner-1 in a collective, so that learner-0's own error comes
-before Ray reports the loss: the run stops in one line naming learner-1 (not learner-0's error)
-and the checkpoint `resume: auto` continues from. A replacement node joins, and the next run
-(`resume: auto`) continues from that checkpoint on it and finishes, one metrics row per step.
+node, no CPUs for the job) and four worker nodes, each labelled by a custom resource (`node_a`
+...), every server on 127.0.0.1, with the session's token. The tiny chain job (SOAR on two
+ZeRO-2 learners on gloo with a disaggregated rollout worker making the aux points, then two
+Flow-GRPO epochs scored by the JPEG-compressibility reward actor) runs with
+`cluster.placement_strategy: STRICT_SPREAD`: the learners, the rollout worker and the reward
+actor land on four different nodes, none on the driver's; learner-1 reaches the rendezvous store
+at rank 0's node address, served by rank 0's own process; both ranks write one checkpoint in the
+shared folder. Then, in the SOAR stage, the node holding learner-1 is lost mid-step (its
+processes SIGKILLed, as when a machine dies) while learner-0 waits on learner-1 in a collective,
+so that learner-0's own error comes before Ray reports the loss: the run stops in one line
+naming learner-1 (not learner-0's error) and the checkpoint `resume: auto` continues from. A
+replacement node joins, and the next run (`resume: auto`) continues from that checkpoint on it
+and finishes both stages, one metrics row per SOAR step and per GRPO epoch.
 
-The SOAR job has no rewards, so no reward actor runs here (STRICT_SPREAD would give it a
-node of its own). A Cluster needs a Ray of its own, while this process keeps the session's
-embedded Ray (`ray_local`) for the other tests: the scenario runs in a child process (this file
-run as a script), which writes what it saw to a JSON report that the tests below read.
+A Cluster needs a Ray of its own, while this process keeps the session's embedded Ray
+(`ray_local`) for the other tests: the scenario runs in a child process (this file run as a
+script), which writes what it saw to a JSON report that the tests below read.
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -36,14 +38,23 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
-WORKER_NODES = ("node_a", "node_b", "node_c")
-REPLACEMENT = "node_d"
+WORKER_NODES = ("node_a", "node_b", "node_c", "node_d")
+REPLACEMENT = "node_e"
 NUM_STEPS = 10
+NUM_EPOCHS = 2
+REWARD_ACTOR = "reward-jpeg_compressibility-0"
 OVERRIDES = [
     "data.synthetic.num_images=32", "logging.progress_bar=false", "logging.tensorboard=false",
     "logging.sample_every=0", "cluster.placement_strategy=STRICT_SPREAD",
     "stages.0.mode=disaggregated", "stages.0.max_staleness=1", f"stages.0.num_steps={NUM_STEPS}",
-    "checkpoint.every=2", "cluster.start_timeout_s=120",
+    "checkpoint.every=2", "cluster.start_timeout_s=300",
+    # GRPO as small as it runs: 4 images of 2 SDE steps an epoch, one rollout call, one update of
+    # one micro-batch a rank, no evaluation (so no held-out reward actor); it checkpoints once,
+    # at its end (its checkpoint_every is 10).
+    f"stages.1.num_epochs={NUM_EPOCHS}", "stages.1.eval_every=0", "stages.1.eval_rewards=[]",
+    "cluster.reward_actors={jpeg_compressibility: {num_cpus: 0.25}}", "stages.1.group_size=2",
+    "stages.1.num_groups_per_epoch=2", "stages.1.num_sampling_steps=2",
+    "stages.1.sample_batch_size=4", "stages.1.train_batch_size=2", "stages.1.num_inner_epochs=1",
 ]  # fmt: skip
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 """The head counts a node dead ~1.5 s after it stops answering (Ray's default: ~15 s), so the
@@ -69,14 +80,20 @@ def store_address(_learner) -> tuple[str, int]:
     return store.host, store.port
 
 
-def _steps(run_dir: Path) -> list[int]:
+def _rows(run_dir: Path) -> list[dict]:
+    """The run's metrics rows, in order."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _wait_until(done, what: str, timeout_s: float = 180.0) -> None:
+def _steps(run_dir: Path) -> list[int]:
+    """Steps of the SOAR stage's rows."""
+    return [row["step"] for row in _rows(run_dir) if row["stage"] == "soar"]
+
+
+def _wait_until(done, what: str, timeout_s: float = 360.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         if time.monotonic() > deadline:
@@ -120,27 +137,51 @@ def _labels() -> dict[str, str]:
     return labels
 
 
-def _actor(name: str):
-    """The named actor, once the run has made it."""
+def _actor(name: str, thread: threading.Thread, result: dict):
+    """The named actor, once the run has made it; an error (with the run's outcome) if the run
+    ended before."""
     import ray
 
-    deadline = time.monotonic() + 180
-    while True:
+    found = []
+
+    def made() -> bool:
         try:
-            return ray.get_actor(name)
+            found.append(ray.get_actor(name))
         except ValueError:  # not made yet
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+            return not thread.is_alive()
+        return True
+
+    _wait_until(made, f"the run made no actor {name}")
+    if not found:
+        raise RuntimeError(f"the run ended before it made {name}: {result}")
+    return found[0]
 
 
-def _placement() -> dict[str, dict]:
-    """Where the job's actors run: name -> node label, node id, pid."""
+def _reward_node(name: str, thread: threading.Thread, result: dict) -> tuple[str, int]:
+    """(Ray node id, process id) of a reward actor. It has no generic `call`: its process id comes
+    from the actor, its node from Ray's record of the live actor with that name and process."""
+    import ray
+    from ray._private import state
+
+    pid = ray.get(_actor(name, thread, result).pid.remote(), timeout=180)
+    records = state.actors(actor_state_name="ALIVE").values()
+    alive = {actor["Pid"]: actor["Address"]["NodeID"] for actor in records if actor["Name"] == name}
+    if pid not in alive:
+        raise RuntimeError(f"Ray records no live {name} with pid {pid}: {alive}")
+    return alive[pid], pid
+
+
+def _placement(thread: threading.Thread, result: dict) -> dict[str, dict]:
+    """Where the running job's actors run: name -> node label, node id, pid."""
     import ray
 
     labels, placed = _labels(), {}
-    for name in ("learner-0", "learner-1", "rollout-0"):
-        node_id, pid = ray.get(_actor(name).call.remote(node_of), timeout=180)
+    for name in ("learner-0", "learner-1", "rollout-0", REWARD_ACTOR):
+        if name == REWARD_ACTOR:
+            node_id, pid = _reward_node(name, thread, result)
+        else:
+            actor = _actor(name, thread, result)
+            node_id, pid = ray.get(actor.call.remote(node_of), timeout=180)
         placed[name] = {"node": labels[node_id], "node_id": node_id, "pid": pid}
     return placed
 
@@ -166,12 +207,12 @@ def scenario(cluster, nodes: dict, root: Path) -> dict:
     from soar_ray.config import load_job
 
     run_dir = root / "run"
-    job = load_job(str(REPO / "jobs/tiny.yaml"), [f"output_dir={run_dir}", *OVERRIDES])
+    job = load_job(str(REPO / "jobs/tiny_soar_grpo.yaml"), [f"output_dir={run_dir}", *OVERRIDES])
     report = {"driver_node": _labels()[ray.get_runtime_context().get_node_id()]}
 
     thread, result = _start(job, run_dir)
     _wait_for_step(run_dir, 1, thread, result)
-    placed = _placement()
+    placed = _placement(thread, result)
     report["first"] = {"placement": placed, "rendezvous": _rendezvous(placed)}
     # Right after a row is logged (past step 2, whose checkpoint is then complete) the learners
     # start the next step's collectives: learner-1 is frozen there, and half a second later
@@ -201,9 +242,10 @@ def scenario(cluster, nodes: dict, root: Path) -> dict:
     nodes[REPLACEMENT] = cluster.add_node(num_cpus=1, resources={REPLACEMENT: 1},
                                           node_ip_address=LOOPBACK)  # fmt: skip
     thread, result = _start(job, run_dir)
-    report["resumed"] = {"placement": _placement()}  # the first run's actors are gone by now
+    # The first run's actors are gone by now: these are the resumed run's.
+    report["resumed"] = {"placement": _placement(thread, result)}
     thread.join(timeout=180)
-    report["resumed"] |= {"alive": thread.is_alive(), "result": result, "steps": _steps(run_dir)}
+    report["resumed"] |= {"alive": thread.is_alive(), "result": result, "rows": _rows(run_dir)}
     return report
 
 
@@ -255,7 +297,9 @@ def test_learners_spread_over_nodes_and_rank_0_serves_the_rendezvous(multinode):
     placed = multinode["first"]["placement"]
     assert multinode["driver_node"] == "head"
     nodes = {name: where["node"] for name, where in placed.items()}
-    # STRICT_SPREAD: three bundles, three nodes; the head has no CPU for the job.
+    # STRICT_SPREAD: four bundles (two learners, the rollout worker, the reward actor), four
+    # nodes; the head has no CPU for the job.
+    assert sorted(nodes) == sorted(["learner-0", "learner-1", "rollout-0", REWARD_ACTOR])
     assert sorted(nodes.values()) == sorted(WORKER_NODES), nodes
     rendezvous = multinode["first"]["rendezvous"]
     host, port = rendezvous["store"]
@@ -281,27 +325,34 @@ def test_a_lost_node_stops_the_run_naming_its_learner_and_the_resume_point(multi
     assert re.match(named, message), message
     # learner-0's collective failed first; its error is not what the run reports.
     assert "the run stops (learner-0's RuntimeError followed from it); " in message
-    resume = r"checkpoint\.resume: auto continues from stage 0-soar step (\d+) \("
+    resume = r"checkpoint\.resume: auto continues from stage soar step (\d+) \("
     step = int(re.search(resume, message)[1])
     assert step >= 2 and step % 2 == 0
     assert f"step-00-{step:07d}" in lost["complete"]
     assert max(lost["steps"]) < NUM_STEPS
 
 
-def test_resume_auto_on_a_replacement_node_finishes_every_step_once(multinode):
+def test_resume_auto_on_a_replacement_node_finishes_both_stages_once(multinode):
     assert "resumed" in multinode, "the first run did not stop: nothing to resume"
     resumed = multinode["resumed"]
     assert not resumed["alive"] and "error" not in resumed["result"], resumed["result"]
-    step = int(re.search(r"continues from stage 0-soar step (\d+) ",
+    step = int(re.search(r"continues from stage soar step (\d+) ",
                          multinode["lost"]["result"]["error"][1])[1])  # fmt: skip
-    assert re.search(rf"resumed from \S+step-00-{step:07d} \(stage 0-soar, step {step}\)",
+    assert re.search(rf"resumed from \S+step-00-{step:07d} \(stage soar, step {step}\)",
                      multinode["out"])  # fmt: skip
-    assert resumed["steps"] == list(range(1, NUM_STEPS + 1))
+    rows = resumed["rows"]
+    assert [(row["stage"], row["step"]) for row in rows] == (
+        [("soar", s) for s in range(1, NUM_STEPS + 1)]
+        + [("grpo", e) for e in range(1, NUM_EPOCHS + 1)]
+    )
+    # The reward actor scored every GRPO epoch's rollouts.
+    assert all(math.isfinite(row["reward_mean"]) for row in rows if row["stage"] == "grpo"), rows
     nodes = sorted(where["node"] for where in resumed["placement"].values())
     lost = multinode["lost"]["node"]
     assert nodes == sorted({*WORKER_NODES, REPLACEMENT} - {lost}), nodes
-    [output] = resumed["result"]["outputs"]
-    assert (Path(output) / "config.json").is_file()
+    outputs = resumed["result"]["outputs"]
+    assert [Path(output).parent.name for output in outputs] == ["soar", "grpo"], outputs
+    assert all((Path(output) / "config.json").is_file() for output in outputs), outputs
 
 
 if __name__ == "__main__":
