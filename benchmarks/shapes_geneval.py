@@ -507,7 +507,8 @@ def run_protocol(out: Path, profile_name: str, profile: Profile, parallel: int) 
     A failed task stops the protocol, naming its log (a rerun resumes)."""
     # Loopback only, and token mode with the environment's token or one of the study's own,
     # which its driver processes inherit. Ray reads these at import: set them first.
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ["RAY_AUTH_MODE"] = "token"
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     from soar_ray.cluster.session import ray_session
