@@ -15,9 +15,10 @@ ones at 10 steps too), and a Frechet distance to rendered held-out images is tak
 autoencoder's latent features.
 
 Every run is a job file in its folder (`soar-ray run` reruns it) and runs as a driver process of
-its own on the study's Ray (`--parallel` at a time, each as soon as the run it starts from is
-done), then evaluates its checkpoints in an evaluation session of its own and writes
-`result.json`; its output goes to `driver.log`. Finished runs are skipped, so the command resumes.
+its own on the study's Ray (`--parallel` at a time, each as soon as the run it starts from has
+trained), evaluating each checkpoint as it is written in an evaluation session of its own, then
+its output, and writes `result.json`; its output goes to `driver.log`. Finished runs are skipped,
+so the command resumes.
 `results.json` gathers every number as runs finish; `--phases report` draws the plots (needs
 matplotlib).
 """
@@ -30,7 +31,9 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -71,11 +74,14 @@ class Profile:
     grpo_epochs: int = 30
     grpo_eval_every: int = 10
     gpu: bool = True
-    gpu_share: float = 0.25
-    """GPU fraction of each learner and rollout worker: runs in parallel share a GPU."""
+    gpu_share: float = 0.125
+    """GPU fraction of each learner and rollout worker: runs in parallel share a GPU, and a run
+    holds its learner and its evaluation's worker at once (GRPO a rollout worker too)."""
     parallel_per_device: int = 4
     """Runs at a time per GPU (per 4 CPUs without GPUs); `--parallel` overrides."""
     eval_steps: tuple[int, ...] = (40, 10)
+    eval_batch: int = 512
+    """Images a sampling batch: a whole prompt set at once (a tiny model is launch-bound)."""
 
 
 PROFILES = {
@@ -102,6 +108,7 @@ PROFILES = {
         gpu=False,
         parallel_per_device=1,
         eval_steps=(4, 2),
+        eval_batch=8,
     ),  # fmt: skip
 }
 # The test suite's: every phase once, as small as it gets.
@@ -216,7 +223,7 @@ def job_tree(study: Study, name: str, seed: int, stage: dict, world, every: int)
         "stages": [stage],
         # Fractions: the runs in parallel share the GPUs (or the CPUs); a run waits for its
         # share while the others hold theirs. A SOAR stage rolls out on its learner (colocated);
-        # GRPO samples on a rollout worker, as does the run's evaluation afterwards.
+        # GRPO samples on a rollout worker, as does the run's evaluation beside the training.
         "cluster": {"num_learners": 1, "gpus_per_learner": profile.gpu_share if gpu else 0,
                     "cpus_per_learner": 1 if gpu else 0.25,
                     "num_rollout_workers": int(stage.get("algorithm") == "grpo"),
@@ -287,7 +294,7 @@ def evaluate(study: Study, transformer: Path, prompts: Path, steps: int, out: Pa
         cfg=4.5, images_per_prompt=profile.images_per_prompt, seed=0, resolution=None,
     )  # fmt: skip
     check_resumable(out, settings)
-    summary = study.session.evaluate(prompt_rows, settings, out, 64 if profile.gpu else 8)
+    summary = study.session.evaluate(prompt_rows, settings, out, profile.eval_batch)
     return {"overall": summary["geneval"]["overall"], "per_tag": summary["geneval"]["per_tag"],
             "accuracy": summary["geneval"]["accuracy"], "fd": frechet_to_truth(study, out)}  # fmt: skip
 
@@ -334,31 +341,48 @@ def frechet_to_truth(study: Study, eval_dir: Path) -> float:
     return frechet(features(study.feature_vae, made), features(study.feature_vae, truth))
 
 
-def evaluate_run(study: Study, world, run_dir: Path, stage: str, steps_list: tuple[int, ...]):
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """A run's complete checkpoints (a folder is renamed into place only once whole), in order."""
+    return sorted(folder for folder in (run_dir / "checkpoints").glob("step-*")
+                  if (folder / "transformer" / "config.json").is_file())  # fmt: skip
+
+
+def evaluate_run(study: Study, world, run_dir: Path, stage: str, steps_list: tuple[int, ...],
+                 trained: threading.Event, cancelled: threading.Event) -> dict | None:  # fmt: skip
     """Every checkpoint of a run on the held-out prompts at the first step count (the curve),
-    the last one on the seen prompts too, the output at every step count."""
-    curve = []
-    folders = [folder for folder in sorted((run_dir / "checkpoints").glob("step-*"))
-               if (folder / "transformer" / "config.json").is_file()]  # fmt: skip
-    for folder in folders:
-        point = {"step": int(folder.name.rsplit("-", 1)[1])}
-        sets = [("held_out", world.eval_held_out)]
-        if folder == folders[-1]:
-            sets.append(("seen", world.eval_seen))
-        for name, prompts in sets:
-            out = run_dir / "eval" / f"{folder.name}-{name}-{steps_list[0]}"
-            point[name] = evaluate(study, folder / "transformer", prompts, steps_list[0], out)
-        curve.append(point)
-        last = folder / "transformer"
+    each as soon as it is written while the run trains; once `trained` is set, the last one on the
+    seen prompts too and the output at every step count. None when `cancelled` (training failed)."""
+    first = steps_list[0]
+    curve: dict[str, dict] = {}
+    while not cancelled.is_set():
+        finished = trained.is_set()  # before listing: a checkpoint older than the flag is seen
+        for folder in checkpoint_folders(run_dir):
+            if folder.name not in curve and not cancelled.is_set():
+                out = run_dir / "eval" / f"{folder.name}-held_out-{first}"
+                curve[folder.name] = {
+                    "step": int(folder.name.rsplit("-", 1)[1]),
+                    "held_out": evaluate(study, folder / "transformer", world.eval_held_out,
+                                         first, out),
+                }  # fmt: skip
+        if finished:
+            break
+        trained.wait(1.0)
+    if cancelled.is_set():
+        return None
+    points = [curve[folder.name] for folder in checkpoint_folders(run_dir)]
     final, output = {}, run_dir / stage / "transformer"
+    last = checkpoint_folders(run_dir)[-1] / "transformer" if points else None
+    if last is not None:
+        out = run_dir / "eval" / f"{last.parent.name}-seen-{first}"
+        points[-1]["seen"] = evaluate(study, last, world.eval_seen, first, out)
     for steps in steps_list:
         for name, prompts in (("seen", world.eval_seen), ("held_out", world.eval_held_out)):
-            if steps == steps_list[0] and curve and same_weights(last, output):
-                final[f"{name}_{steps}"] = curve[-1][name]  # the last checkpoint is the output
+            if steps == first and last is not None and same_weights(last, output):
+                final[f"{name}_{steps}"] = points[-1][name]  # the last checkpoint is the output
                 continue
             out = run_dir / "eval" / f"final-{name}-{steps}"
             final[f"{name}_{steps}"] = evaluate(study, output, prompts, steps, out)
-    return {"curve": curve, "final": final}
+    return {"curve": points, "final": final}
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -397,9 +421,9 @@ def grpo_stage(profile: Profile) -> dict:
     return {
         "algorithm": "grpo", "name": "train", "rewards": {"shapes_geneval": 1.0},
         "num_epochs": profile.grpo_epochs, "num_sampling_steps": 10,
-        "eval_num_sampling_steps": 40 if profile.gpu else 4, "eval_every": profile.grpo_eval_every,
+        "eval_every": 0,  # the study evaluates every checkpoint itself (EMA weights)
         "group_size": 8, "num_groups_per_epoch": 16 if profile.gpu else 2,
-        "sample_batch_size": 64 if profile.gpu else 8, "train_batch_size": 64 if profile.gpu else 8,
+        "sample_batch_size": 128 if profile.gpu else 8, "train_batch_size": 64 if profile.gpu else 8,
         "num_updates_per_epoch": 1, "timestep_fraction": 1.0, "clip_range": 0.2, "beta": 0.01,
         "noise_level": 0.7, "lora": {"enabled": False}, "optimizer": {"lr": 1e-4},
         "ema": {"enabled": True, "every": 1},
@@ -446,9 +470,9 @@ def run_tree(study: Study, name: str, world) -> dict:
 
 def train_and_evaluate(study: Study, name: str) -> dict:
     """One run in this process (a driver of the study's Ray): `soar-ray run` of its job file
-    (skipped when its output exists), then every checkpoint evaluated; returns its result."""
+    (skipped when its output exists) while a thread evaluates each checkpoint as it is written,
+    in an evaluation session of its own; then the output; returns the run's result."""
     from soar_ray.config import load_job
-    from soar_ray.eval.runner import EvalSession
     from soar_ray.stages.pipeline import check_pipeline, run_pipeline
 
     world = world_of(study)
@@ -457,19 +481,43 @@ def train_and_evaluate(study: Study, name: str) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     job = load_job(run_dir / "job.yaml")
-    timing = run_dir / "seconds.json"  # kept apart: a rerun that only evaluates keeps it
-    if not (run_dir / "train" / "transformer" / "config.json").is_file():
-        check_pipeline(job)
-        start = time.perf_counter()
-        run_pipeline(job, run_dir)
-        timing.write_text(json.dumps(time.perf_counter() - start) + "\n")
-    result: dict[str, Any] = {"seconds": json.loads(timing.read_text())}
-    with EvalSession(job, ["shapes_geneval"], 1) as study.session:
-        result.update(evaluate_run(study, world, run_dir, "train", study.profile.eval_steps))
+    timing = trained_marker(run_dir)  # kept apart: a rerun that only evaluates keeps it
+    trained, cancelled = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        evaluation = pool.submit(evaluate_in_session, study, job, world, run_dir, trained,
+                                 cancelled)  # fmt: skip
+        try:
+            if not timing.is_file():
+                check_pipeline(job)
+                start = time.perf_counter()
+                run_pipeline(job, run_dir)
+                timing.write_text(json.dumps(time.perf_counter() - start) + "\n")
+        except BaseException:
+            cancelled.set()
+            raise
+        finally:
+            trained.set()
+        result: dict[str, Any] = {"seconds": json.loads(timing.read_text())}
+        result.update(evaluation.result())
     if tree["stages"][0]["algorithm"] == "grpo":
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         result["reward"] = [[r["step"], r["reward_mean"]] for r in rows if "reward_mean" in r]
     return result
+
+
+def trained_marker(run_dir: Path) -> Path:
+    """Written once a run's training is done (its training seconds): the runs that start from it
+    may start, while it still evaluates."""
+    return run_dir / "seconds.json"
+
+
+def evaluate_in_session(study: Study, job, world, run_dir: Path, trained: threading.Event,
+                        cancelled: threading.Event) -> dict | None:  # fmt: skip
+    from soar_ray.eval.runner import EvalSession
+
+    with EvalSession(job, ["shapes_geneval"], 1) as study.session:
+        return evaluate_run(study, world, run_dir, "train", study.profile.eval_steps, trained,
+                            cancelled)  # fmt: skip
 
 
 # ---- the protocol: runs as driver processes, in parallel ---------------------------------------------
@@ -481,13 +529,22 @@ class Task:
 
     split_seed: int
     name: str  # "setup" or a run's name
-    after: str | None  # the task of the same split that must finish first
+    after: str | None  # the task of the same split it waits for (see `ready`)
 
     def folder(self, out: Path) -> Path:
         return out / f"split-{self.split_seed}" / self.name
 
     def result_path(self, out: Path) -> Path:
         return self.folder(out) / "result.json"
+
+    def ready(self, out: Path, done: set[tuple[int, str]]) -> bool:
+        """Setup first; a run as soon as the run it starts from has trained (its evaluation may
+        still be going)."""
+        if self.after is None:
+            return True
+        if self.after == "setup":
+            return (self.split_seed, "setup") in done
+        return trained_marker(out / f"split-{self.split_seed}" / self.after).is_file()
 
 
 def protocol_tasks(profile: Profile) -> list[Task]:
@@ -523,7 +580,7 @@ def run_protocol(out: Path, profile_name: str, profile: Profile, parallel: int) 
         pending = [t for t in pending if (t.split_seed, t.name) not in done]
         try:
             while pending or running:
-                ready = [t for t in pending if t.after is None or (t.split_seed, t.after) in done]
+                ready = [t for t in pending if t.ready(out, done)]
                 for task in ready[: parallel - len(running)]:
                     pending.remove(task)
                     running[task] = (launch(out, profile_name, task, env), time.perf_counter())
