@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The shapes study (benchmarks/shapes_geneval.py) on the lent GPU machine (no network): the GPU
 # profile for the split seeds given (default 0,1; on a 2-GPU machine both run side by side),
-# under a wall-clock guard, then its report. Back under $OUT: log.txt and study.tar.gz (results,
-# table, plots, every run's job file, metrics, driver log tail and held-out sample grid). The
-# study resumes, so a protocol cut short by the guard says how far it got. Wheels in .whl/.
+# under a wall-clock guard, then its report. Back under $OUT: log.txt, study.tar.gz (results.json,
+# every run's job file, metrics, driver log tail and held-out sample grid), then table.md and the
+# plots. Leave the call about 40 s after the guard for the bundle and the report. The study
+# resumes: on a machine still warm from the last call, the same command continues it. Wheels in
+# .whl/.
 #   bash benchmarks/gpu_shapes_geneval.sh 0,1 570
 set -uo pipefail
 source benchmarks/device_env.sh
@@ -16,11 +18,9 @@ start=$(date +%s)
 timeout "$limit" python3 benchmarks/shapes_geneval.py --out "$study" --profile gpu \
   --split-seeds "$splits" --phases train >> "$OUT/log.txt" 2>&1
 echo "train: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
-python3 benchmarks/shapes_geneval.py --out "$study" --profile gpu --split-seeds "$splits" \
-  --phases report >> "$OUT/log.txt" 2>&1 || echo "report failed" | tee -a "$OUT/log.txt"
 bundle=/tmp/bundle
 mkdir -p "$bundle"
-cp "$study"/results.json "$study"/table.md "$study"/*.png "$bundle"/ 2>/dev/null
+cp "$study"/results.json "$bundle"/ 2>/dev/null
 for run in "$study"/split-*/*/; do
   name=$(basename "$(dirname "$run")")-$(basename "$run")
   mkdir -p "$bundle/$name"
@@ -34,6 +34,10 @@ for run in "$study"/split-*/*/; do
   done
 done
 tar -czf "$OUT/study.tar.gz" -C "$bundle" .
+# The report after the bundle: a call cut during it still brings every run's numbers back.
+python3 benchmarks/shapes_geneval.py --out "$study" --profile gpu --split-seeds "$splits" \
+  --phases report >> "$OUT/log.txt" 2>&1 || echo "report failed" | tee -a "$OUT/log.txt"
+cp "$study"/table.md "$study"/*.png "$OUT"/ 2>/dev/null
 ls -la "$OUT"
 grep -E "^shapes:|Error|error" "$OUT/log.txt" | tail -60
 cat "$study/table.md" 2>/dev/null
