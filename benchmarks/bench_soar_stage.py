@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         f"cluster.gpus_per_learner={args.gpus_per_learner}", "cluster.num_rollout_workers=0",
         f"cluster.cpus_per_learner={args.cpus_per_learner}",
         f"deepspeed.zero_stage={args.zero_stage}", f"deepspeed.precision={args.precision}",
-        f"deepspeed.activation_checkpointing={str(args.checkpointing).lower()}",
+        f"deepspeed.activation_checkpointing={args.checkpointing}",
         f"stages.0.num_steps={args.steps}", f"stages.0.aux_eval={args.aux_eval}",
         "logging.sample_every=0", "logging.tensorboard=false", "logging.progress_bar=false",
         f"checkpoint.every={10**6}", "checkpoint.resume=never", "model.dtype=fp32",
@@ -108,7 +108,9 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--aux-eval", default="fused", choices=["fused", "sequential"])
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--checkpointing", default="true",
+                        help="activation checkpointing: true (every block), false, or N: the "
+                        "first N blocks")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)

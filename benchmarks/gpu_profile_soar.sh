@@ -19,5 +19,5 @@ variant() {  # name, then extra arguments
 }
 variant zero2-ckpt-333 --engine zero2 --t5-tokens 256
 variant local-ckpt-333 --engine local --t5-tokens 256
-variant local-nockpt-333 --engine local --t5-tokens 256 --no-checkpointing
+variant local-nockpt-333 --engine local --t5-tokens 256 --checkpointing false
 variant zero2-ckpt-154 --engine zero2 --t5-tokens 77

@@ -57,7 +57,7 @@ def make_job(args: argparse.Namespace, out: Path):
         f"cluster.gpus_per_learner={int(DEVICE == 'cuda')}",
         f"deepspeed.precision={args.precision}",
         f"deepspeed.zero_stage={int(args.engine.removeprefix('zero')) if args.engine != 'local' else 0}",
-        f"deepspeed.activation_checkpointing={str(args.checkpointing).lower()}",
+        f"deepspeed.activation_checkpointing={args.checkpointing}",
         f"stages.0.aux_eval={args.aux_eval}", f"stages.0.trajectory_length={args.aux_points}",
     ]  # fmt: skip
     image_job = load_job("jobs/tiny.yaml", overrides)
@@ -127,7 +127,9 @@ def main() -> None:
     parser.add_argument("--engine", default="local", choices=["local", "zero0", "zero1", "zero2",
                                                               "zero3"])  # fmt: skip
     parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--checkpointing", default="true",
+                        help="activation checkpointing: true (every block), false, or N: the "
+                        "first N blocks")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=3)

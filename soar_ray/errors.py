@@ -26,3 +26,8 @@ class LearnerFailed(RunStopped):
 class WorkerRestarted(RuntimeError):
     """A rollout worker that Ray restarted was given work before the driver restored its stage
     and weights (it would have answered with the pretrained model)."""
+
+
+class WeightGroupBroken(RunStopped):
+    """A collective of the weight group (learner rank 0 and the rollout workers) failed: a member
+    was lost part-way through a push, or the group could not form."""

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from soar_ray.config import EmaConfig, OptimizerConfig, load_job
+from soar_ray.config import ConfigError, EmaConfig, OptimizerConfig, load_job
 from soar_ray.workers.engine import LocalEngine, lr_factor
 from soar_ray.workers.learner import Ema
 
@@ -227,3 +227,20 @@ def test_allow_tf32_reaches_torch():
             assert torch.backends.cudnn.allow_tf32 is flag
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.mark.parametrize(("value", "recompute"), [("true", [True, True]), ("1", [True, False]),
+                                                  ("false", [False, False])])  # fmt: skip
+def test_activation_checkpointing_setting_reaches_the_blocks(tiny_job, value, recompute):
+    job = tiny_job.model_copy(update={"deepspeed": load_job(
+        JOB, [f"deepspeed.activation_checkpointing={value}"]).deepspeed})  # fmt: skip
+    learner = _learner(job)
+    blocks = learner.model.transformer.transformer_blocks
+    assert [block.soar_recompute for block in blocks] == recompute
+    assert learner.model.transformer.gradient_checkpointing == any(recompute)
+    assert math.isfinite(learner.train(_batch(job))["loss"])
+
+
+def test_activation_checkpointing_refuses_a_negative_block_count():
+    with pytest.raises(ConfigError, match="deepspeed.activation_checkpointing"):
+        load_job(JOB, ["deepspeed.activation_checkpointing=-1"])

@@ -16,6 +16,7 @@ from soar_ray.models import (
     save_pretrained,
     save_transformer,
 )
+from soar_ray.models.sd3 import sd3_denoise
 from soar_ray.models.tokenizers import clip_g_tokenizer, clip_l_tokenizer
 
 PROMPTS = ["a photo of a cat", 'a sign that says "SOAR" in red, 2 people']
@@ -226,3 +227,35 @@ def test_sd35_parameter_counts_match_published_sizes():
     assert medium["total"] == sum(v for k, v in medium.items() if k != "total")
     meta = build_model(preset="sd35-large", components=("transformer",), device="meta")
     assert meta.transformer.pos_embed.proj.weight.is_meta
+
+
+@pytest.mark.parametrize("blocks, recomputed", [(True, 2), (1, 1), (5, 2), (False, 0), (0, 0)])
+def test_selective_activation_checkpointing_recomputes_only_the_first_blocks(blocks, recomputed):
+    from soar_ray.models.sd3 import set_activation_checkpointing
+
+    def loss_and_grads(transformer):
+        transformer.zero_grad()
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 16, 8, 8, generator=generator)
+        cond = {"prompt_embeds": torch.randn(2, 5, transformer.config.joint_attention_dim,
+                                             generator=generator),
+                "pooled_embeds": torch.randn(2, transformer.config.pooled_projection_dim,
+                                             generator=generator)}  # fmt: skip
+        loss = sd3_denoise(transformer, x, torch.tensor([700.0, 200.0]), cond).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in transformer.parameters()]
+
+    plain = build_transformer("tiny")
+    expected_loss, expected_grads = loss_and_grads(plain)
+    transformer = build_transformer("tiny")
+    assert len(transformer.transformer_blocks) == 2
+    assert set_activation_checkpointing(transformer, blocks) == recomputed
+    calls = [0] * len(transformer.transformer_blocks)
+    for i, block in enumerate(transformer.transformer_blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    loss, grads = loss_and_grads(transformer)
+    # A recomputed block runs its forward again in backward; the others once.
+    assert calls == [2] * recomputed + [1] * (2 - recomputed)
+    torch.testing.assert_close(loss, expected_loss)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)

@@ -24,7 +24,7 @@ from soar_ray.build import (
     learner_device,
 )
 from soar_ray.config import JobConfig
-from soar_ray.errors import WorkerRestarted
+from soar_ray.errors import WeightGroupBroken, WorkerRestarted
 from soar_ray.workers.engine import init_distributed
 from soar_ray.workers.learner import Learner
 from soar_ray.workers.rollout import RolloutWorker
@@ -83,30 +83,50 @@ class RolloutActor:
     """An inference copy of the denoiser: holds a `RolloutWorker`."""
 
     def __init__(self, job: JobConfig, index: int) -> None:
-        device = "cuda" if job.cluster.gpus_per_learner > 0 and torch.cuda.is_available() else "cpu"
-        self.worker = RolloutWorker(job, build_sd3(job, device), seed=job.seed + 7919 * (index + 1),
-                                    uncond=cache_uncond(job))  # fmt: skip
+        self.job, self.index = job, index
+        self.worker = self._build()
         # Restarted by Ray (`max_restarts`), the worker holds `model.pretrained`: it takes no work
         # until the driver has restored the stage and weights the other workers hold.
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def _build(self) -> RolloutWorker:
+        job = self.job
+        device = "cuda" if job.cluster.gpus_per_learner > 0 and torch.cuda.is_available() else "cpu"
+        return RolloutWorker(job, build_sd3(job, device), seed=job.seed + 7919 * (self.index + 1),
+                             uncond=cache_uncond(job), index=self.index)  # fmt: skip
 
     def call(self, method: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """`method(worker, *args, **kwargs)` for a method of `RolloutWorker`."""
         if self.restarted:
             raise WorkerRestarted(f"restarted rollout worker (pid {os.getpid()}) not restored yet")
-        return method(self.worker, *args, **kwargs)
+        try:
+            return method(self.worker, *args, **kwargs)
+        except WeightGroupBroken as exc:
+            # A push broke part-way (a member was lost): its weights are half written. The worker
+            # leaves the group (members waiting on it fail too) and is built afresh by the
+            # restore, as after a restart.
+            self.worker.leave_weight_group()
+            self.worker, self.restarted = None, True
+            raise WorkerRestarted(f"rollout worker (pid {os.getpid()}): {exc}") from exc
 
-    def restore(self, steps: list[Step]) -> int:
+    def restore(self, steps: list[Step]) -> bool:
         """After a restart, run `steps` (what gives the worker the pool's current stage and
         weights; object refs among their arguments are fetched), then take work again; a worker
-        that was not restarted ignores them. Returns the process id."""
-        if self.restarted:
-            for method, args in steps:
-                method(self.worker, *[ray.get(a) if isinstance(a, ray.ObjectRef) else a
-                                      for a in args])  # fmt: skip
-            self.restarted = False
-        return os.getpid()
+        that was not restarted ignores them. Returns whether it restored."""
+        if not self.restarted:
+            return False
+        if self.worker is None:
+            self.worker = self._build()
+        for method, args in steps:
+            method(self.worker, *[ray.get(a) if isinstance(a, ray.ObjectRef) else a
+                                  for a in args])  # fmt: skip
+        self.restarted = False
+        return True
 
     def pid(self) -> int:
         """The actor's process id; it changes when Ray restarts the actor."""
         return os.getpid()
+
+    def node(self) -> tuple[str, str]:
+        """(Ray node id, node address) of this worker; it may change when Ray restarts it."""
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()

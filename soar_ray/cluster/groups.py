@@ -104,6 +104,8 @@ class LearnerGroup:
         try:
             nodes = ray.get([actor.node.remote() for actor in self.actors],
                             timeout=cluster.start_timeout_s)  # fmt: skip
+            self.nodes: list[tuple[str, str, int]] = nodes
+            """(Ray node id, node address, process id) of each rank."""
             self.where = [f"learner-{rank} (pid {pid} on {address})"
                           for rank, (_, address, pid) in enumerate(nodes)]  # fmt: skip
             # Rank 0 serves the rendezvous store, on loopback when every learner shares its node,
@@ -277,6 +279,8 @@ class RolloutPool:
         self.max_retries = cluster.max_task_retries
         self.restore_steps: Callable[[], list[Step]] = list
         """What gives a restarted worker the state the others hold; the pool's owner sets it."""
+        self.replaced: Callable[[int], None] = lambda index: None
+        """Told the index of a worker a restore has just replaced (the pool's owner sets it)."""
         self._turn = cycle(range(len(self.actors)))
 
     def __len__(self) -> int:
@@ -376,7 +380,8 @@ class RolloutPool:
         while True:
             restore = self.actors[index].restore.remote(self.restore_steps())
             try:
-                ray.get(restore, timeout=max(0.0, deadline - time.monotonic()))
+                if ray.get(restore, timeout=max(0.0, deadline - time.monotonic())):
+                    self.replaced(index)
                 return restore
             except ActorUnavailableError:  # Ray has not noticed the death yet: ask again
                 if time.monotonic() < deadline:
@@ -388,6 +393,11 @@ class RolloutPool:
                 f"{self.names[index]} did not come back within cluster.start_timeout_s = "
                 f"{self.start_timeout_s:g} s after {why}; resume with checkpoint.resume: auto"
             )
+
+    def nodes(self, timeout_s: float) -> list[tuple[str, str]]:
+        """(Ray node id, node address) of each worker, asked now (a restart may move one); the
+        answer waits for the calls queued before it, at most `timeout_s`."""
+        return ray.get([actor.node.remote() for actor in self.actors], timeout=timeout_s)
 
     def _send(self, call: RolloutCall) -> RolloutCall:
         remote = self.actors[call.actor].call.options(num_returns=call.num_returns).remote

@@ -163,6 +163,19 @@ class ClusterConfig(Section):
     """Restarts of a failed rollout or reward actor before the job fails."""
     max_task_retries: NonNegInt = 3
     """Reruns of a reward-scoring or rollout call whose actor was lost (after Ray restarts it)."""
+    weight_sync: Literal["auto", "object_store", "collective"] = "object_store"
+    """Learner -> rollout weights: `object_store`, `collective` (NCCL/gloo broadcast), or `auto`."""
+
+    @property
+    def weight_sync_backend(self) -> Literal["object_store", "collective"]:
+        """`weight_sync` resolved: `auto` is collective when learners and rollout workers hold
+        GPUs, each rollout worker whole ones of its own (NCCL takes one rank per GPU)."""
+        if self.weight_sync != "auto":
+            return self.weight_sync
+        own_gpus = self.gpus_per_learner > 0 and self.gpus_per_rollout_worker >= 1
+        return "collective" if own_gpus and not self.colocate_rollout_with_learners else (
+            "object_store"
+        )  # fmt: skip
 
 
 class DeepSpeedConfig(Section):
@@ -178,8 +191,8 @@ class DeepSpeedConfig(Section):
     """Keep optimizer state in CPU memory (ZeRO >= 1)."""
     offload_params: bool = False
     """Keep parameters in CPU memory (ZeRO 3)."""
-    activation_checkpointing: bool = True
-    """Recompute transformer activations in backward (reference `--gradient_checkpointing`)."""
+    activation_checkpointing: bool | NonNegInt = True
+    """Recompute MMDiT block activations in backward: true for all, N for the first N blocks."""
     allow_tf32: bool = True
     """TF32 matmuls on Ampere+ GPUs for fp32 work (reference `--allow_tf32`)."""
     overlap_comm: bool = True
@@ -404,6 +417,13 @@ class JobConfig(Section):
                     "cluster.gpus_per_rollout_worker: colocated workers share a learner's GPU, "
                     "so gpus_per_learner + gpus_per_rollout_worker must be <= 1"
                 )
+        shares_gpus = cluster.colocate_rollout_with_learners or cluster.gpus_per_rollout_worker < 1
+        if cluster.weight_sync == "collective" and cluster.gpus_per_learner > 0 and shares_gpus:
+            raise ValueError(
+                "cluster.weight_sync: 'collective' on GPUs needs whole GPUs of its own for every "
+                "rollout worker (NCCL takes one rank per GPU): set cluster.gpus_per_rollout_worker "
+                ">= 1 and colocate_rollout_with_learners false, or weight_sync object_store"
+            )
         used = set(self.rewards).union(self.reward_names)
         for reward in cluster.reward_actors:
             if reward not in used:

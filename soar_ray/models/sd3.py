@@ -7,6 +7,7 @@ cache can skip them. Encoders and VAE are frozen; only the transformer is ever t
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import PreTrainedTokenizerBase
 
@@ -34,6 +35,28 @@ def param_dtype(module: torch.nn.Module) -> torch.dtype:
 def move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None) -> None:
     """Move/cast in place via nn.Module.to: diffusers' own `to` warns on every dtype cast."""
     torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
+def set_activation_checkpointing(transformer: SD3Transformer2DModel, blocks: bool | int) -> int:
+    """Recompute MMDiT block activations in backward instead of keeping them: every block (True),
+    none (False) or the first `blocks` (selective: the others keep their activations, trading
+    memory for the recomputed forward). Returns how many blocks recompute."""
+    count = len(transformer.transformer_blocks)
+    chosen = count if blocks is True else min(int(blocks), count)
+    for index, block in enumerate(transformer.transformer_blocks):
+        block.soar_recompute = index < chosen
+    if chosen:
+        transformer.enable_gradient_checkpointing(_recompute_marked)
+    else:
+        transformer.disable_gradient_checkpointing()
+    return chosen
+
+
+def _recompute_marked(block: torch.nn.Module, *args):
+    """diffusers' checkpointing hook, called for every block: checkpoint the marked ones."""
+    if block.soar_recompute:
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+    return block(*args)
 
 
 def check_cond(cond: Cond, batch_size: int) -> None:

@@ -16,7 +16,7 @@ from soar_ray.cluster.actors import Step
 from soar_ray.cluster.groups import LearnerGroup, RolloutPool
 from soar_ray.cluster.placement import Topology, create_topology
 from soar_ray.cluster.rewards import RewardPool
-from soar_ray.cluster.weights import ObjectStoreWeightSync
+from soar_ray.cluster.weights import WeightSync, build_weight_sync
 from soar_ray.config import ConfigError, JobConfig, dump_config
 from soar_ray.data.prompts import load_text_prompts
 from soar_ray.errors import RunStopped
@@ -49,7 +49,7 @@ class StageContext:
         self.learners: LearnerGroup | None = None
         self.rollouts: RolloutPool | None = None
         self.rewards: RewardPool | None = None
-        self.sync: ObjectStoreWeightSync | None = None
+        self.sync: WeightSync | None = None
         self._rollout_stage: tuple[int, ray.ObjectRef | None] | None = None
         # The placement group first: a topology the cluster cannot hold fails before anything.
         self.topology: Topology = create_topology(job.cluster, job.reward_names)
@@ -70,8 +70,9 @@ class StageContext:
         self.learners = LearnerGroup(job, self.topology)
         if job.cluster.num_rollout_workers:
             self.rollouts = RolloutPool(job, self.topology)
-            self.sync = ObjectStoreWeightSync(self.learners, self.rollouts)
+            self.sync = build_weight_sync(job.cluster, self.learners, self.rollouts)
             self.rollouts.restore_steps = self.rollout_state
+            self.rollouts.replaced = self.sync.replaced
         self.rewards = RewardPool.for_job(job, self.topology)
 
     def close(self) -> None:

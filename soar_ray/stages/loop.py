@@ -130,8 +130,11 @@ class StageLoop:
         )
 
     def close(self) -> StageResult:
-        """The stage output folder and final version."""
+        """The stage output folder and final version, once the stage's last weight push has
+        reached the rollout workers (or its error is raised)."""
         self.bar.close()
+        if self.ctx.sync is not None:
+            self.ctx.sync.wait()
         return StageResult(self.ctx.save_output(self.stage_index), self.version)
 
 

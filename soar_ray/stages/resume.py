@@ -8,8 +8,8 @@ would keep the checkpoint's values without saying so, or train on another data o
 run's config.yaml would describe neither. So the job must equal the checkpoint's config.yaml,
 except for:
 - the fields `RESUME_MAY_CHANGE` lists: where the run writes, logging, the checkpoint schedule,
-  actor placement and timeouts, evaluation, and the length of the resumed stage (never below the
-  checkpoint's step);
+  actor placement, timeouts and weight sync, evaluation, and the length of the resumed stage
+  (never below the checkpoint's step);
 - the stages after the resumed one, which have not started (a finished stage's settings must
   match: its output is made).
 Any other change is refused with every changed field and its two values, so a field the list does
@@ -33,7 +33,7 @@ RESUME_MAY_CHANGE = (
     "data.synthetic.dir",
     "cluster.address", "cluster.*_per_*", "cluster.num_rollout_workers",
     "cluster.colocate_rollout_with_learners", "cluster.reward_actors*",
-    "cluster.placement_strategy", "cluster.*_timeout_s", "cluster.max_*",
+    "cluster.placement_strategy", "cluster.*_timeout_s", "cluster.max_*", "cluster.weight_sync",
     "deepspeed.activation_checkpointing", "deepspeed.allow_tf32", "deepspeed.overlap_comm",
     "deepspeed.reduce_bucket_size",
     "rewards.*.device", "rewards.*.batch_size", "rewards.*.on_bad_score",

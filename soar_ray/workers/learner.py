@@ -15,6 +15,7 @@ import contextlib
 import copy
 import gc
 import math
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ import numpy as np
 import torch
 
 from soar_ray.config import EmaConfig, JobConfig, StageBase
+from soar_ray.errors import WeightGroupBroken
 from soar_ray.models import SD3Model, add_lora, has_lora, merge_lora, save_transformer
 from soar_ray.models import trainable_parameters as named_trainable
 from soar_ray.models.build import load_transformer
-from soar_ray.models.sd3 import move
+from soar_ray.models.sd3 import move, set_activation_checkpointing
 from soar_ray.workers.engine import (
     LocalEngine,
     build_deepspeed_engine,
@@ -36,6 +38,7 @@ from soar_ray.workers.engine import (
 from soar_ray.workers.grpo import GrpoStep
 from soar_ray.workers.rollout import generate_images
 from soar_ray.workers.soar import SoarStep
+from soar_ray.workers.weight_transfer import Push, WeightGroup, listen
 
 ENGINE_TAG = "engine"
 
@@ -138,6 +141,10 @@ class Learner:
         """Optimizer steps skipped for a non-finite loss or gradient in the current `train`."""
         self.num_skipped_in_a_row = 0
         """Optimizer steps skipped since the last applied one (counted from `setup_stage`)."""
+        self.weight_group: WeightGroup | None = None
+        self._weight_listener: socket.socket | None = None
+        self.pushed: Push | None = None
+        """Rank 0: the last push into the weight group, its buckets kept for restored workers."""
 
     # ---- stage lifecycle ----------------------------------------------------------------------
 
@@ -153,8 +160,7 @@ class Learner:
         if step_type.needs_reference(stage) and not stage.lora.enabled:
             self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
         self.params = prepare_stage_model(transformer, stage, seed=job.seed)
-        if job.deepspeed.activation_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        set_activation_checkpointing(transformer, job.deepspeed.activation_checkpointing)
         transformer.train()
         micro_batch, accumulation = step_type.batching(job, stage)
         if self.distributed:
@@ -191,7 +197,7 @@ class Learner:
         if has_lora(transformer):
             merge_lora(transformer)
         self.engine.destroy()
-        self.engine = self.ema = self.step = self.reference = None
+        self.engine = self.ema = self.step = self.reference = self.pushed = None
         self.params, self.stage_index = [], None
         gc.collect()
         if self.device.type == "cuda":
@@ -262,25 +268,92 @@ class Learner:
 
         return deepspeed.zero.GatheredParameters(list(self.model.transformer.parameters()))
 
-    def export_weights(self, ema: bool = False) -> dict[str, torch.Tensor] | None:
-        """Trainable weights by name on CPU, live or EMA; rank 0 only, else None.
-
-        Between stages (no engine) the whole state dict: the full handoff to rollout workers.
-        Collective under ZeRO-3: every rank must call it.
-        """
+    def exported(self, ema: bool = False) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """What a weight export sends, as (name, weight, value) on this rank's device: the
+        trainable weights (a LoRA stage's adapters only), `value` the weight itself or its EMA.
+        Between stages (no engine) the whole state dict. Call inside `gathered()`."""
         if ema and self.ema is None:
             raise ValueError("export_weights(ema=True): the stage keeps no EMA")
+        transformer = self.model.transformer
+        if self.engine is None:
+            return [(name, value, value) for name, value in transformer.state_dict().items()]
+        named = named_trainable(transformer)
+        values = self.ema.shadow if ema else [p for _, p in named]
+        return [(name, p, v) for (name, p), v in zip(named, values, strict=True)]
+
+    def export_weights(self, ema: bool = False) -> dict[str, torch.Tensor] | None:
+        """The `exported` weights by name on CPU, live or EMA; rank 0 only, else None.
+
+        Between stages the whole state dict: the full handoff to rollout workers. Collective
+        under ZeRO-3: every rank must call it.
+        """
         with self.gathered():
             if self.rank != 0:
                 return None
-            transformer = self.model.transformer
-            if self.engine is None:
-                return {k: v.detach().cpu().clone() for k, v in transformer.state_dict().items()}
-            named = named_trainable(transformer)
-            values = self.ema.shadow if ema else [p for _, p in named]
             # In the weights' own precision (the fp32 EMA too): what a rollout worker holds.
             return {name: v.detach().to("cpu", p.dtype, copy=True)
-                    for (name, p), v in zip(named, values)}  # fmt: skip
+                    for name, p, v in self.exported(ema)}  # fmt: skip
+
+    # ---- weights out through the weight group (cluster/weights.py, collective backend) --------
+
+    def listen_weight_group(self, host: str) -> int | None:
+        """Rank 0: hold a free port of `host` for the weight group's store; returns it."""
+        if self.rank != 0:
+            return None
+        self._weight_listener = listen(host)
+        return self._weight_listener.getsockname()[1]
+
+    def join_weight_group(self, host: str, port: int, size: int, bind: str, timeout_s: float,
+                          op_timeout_s: float) -> None:  # fmt: skip
+        """Rank 0: (re)build the weight group as its rank 0, serving its store on the port
+        `listen_weight_group` holds; a former group is left first."""
+        if self.rank != 0:
+            return
+        self.leave_weight_group()
+        listener, self._weight_listener = self._weight_listener, None
+        self.weight_group = WeightGroup.join(
+            host, port, 0, size, self.device, bind=bind, timeout_s=timeout_s,
+            op_timeout_s=op_timeout_s, listen_fd=listener.detach(),
+        )  # fmt: skip
+
+    def leave_weight_group(self) -> None:
+        """Rank 0: close the weight group (a member is replaced): members still waiting in it
+        fail. The broadcasts of the last push are forgotten; its buckets stay the last push."""
+        if self.rank != 0 or self.weight_group is None:
+            return
+        if self.pushed is not None:
+            self.pushed.detach()
+        self.weight_group.close()
+        self.weight_group = None
+
+    def send_weights(self, ema: bool = False) -> None:
+        """Broadcast the `exported` weights (live or EMA) into the weight group from rank 0, in
+        flat buckets; returns once they are under way (the rollout workers take them when they
+        reach their receive). Collective under ZeRO-3: every rank must call it."""
+        if self.engine is None:
+            raise RuntimeError("send_weights pushes a stage's weights: call it inside a stage")
+        with self.gathered():
+            if self.rank != 0:
+                return
+            if self.pushed is not None:
+                try:
+                    self.pushed.finish()
+                except WeightGroupBroken as exc:
+                    raise WeightGroupBroken(
+                        f"{exc}; no rollout worker was restored since, so the weight group was "
+                        "not rebuilt and the run stops: resume with checkpoint.resume: auto "
+                        "(cluster.weight_sync: object_store does without the group)"
+                    ) from exc
+            self.pushed = self.weight_group.send(self.exported(ema))
+
+    def pushed_weights(self) -> dict[str, torch.Tensor] | None:
+        """Rank 0: the weights of the last `send_weights` by name on CPU (what a restored rollout
+        worker loads); None on the other ranks."""
+        if self.rank != 0:
+            return None
+        if self.pushed is None:
+            raise RuntimeError("pushed_weights: no weights were pushed in this stage")
+        return self.pushed.weights()
 
     def stage_output(self) -> torch.nn.Module:
         """The stage output as a plain CPU transformer on every rank: the live weights with the

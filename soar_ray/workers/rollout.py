@@ -13,11 +13,12 @@ from soar_ray.algo.flow import Cond, make_inference_grid
 from soar_ray.algo.sampling import sample_ode
 from soar_ray.config import JobConfig
 from soar_ray.metrics import to_uint8_images
-from soar_ray.models import SD3Model
+from soar_ray.models import SD3Model, trainable_parameters
 from soar_ray.models.build import load_transformer
 from soar_ray.models.sd3 import SD3_SCHEDULE_SHIFT, move
 from soar_ray.workers.grpo import GrpoRollout
 from soar_ray.workers.soar import SoarRollout
+from soar_ray.workers.weight_transfer import WeightGroup, spec_of
 
 
 @torch.no_grad()
@@ -63,12 +64,13 @@ class RolloutWorker:
     """An inference copy of the denoiser: sample grids, evaluation images, and the stage's
     rollouts (`SoarRollout` aux points, `GrpoRollout` SDE trajectories).
 
-    Its weights carry a policy version: the number of learner updates they include.
+    Its weights carry a policy version: the number of learner updates they include. Worker
+    `index` is rank `index + 1` of the weight group (learner rank 0 is rank 0).
     """
 
     def __init__(self, job: JobConfig, model: SD3Model, *, seed: int,
-                 uncond: Cond | None = None) -> None:  # fmt: skip
-        self.job, self.model = job, model
+                 uncond: Cond | None = None, index: int = 0) -> None:  # fmt: skip
+        self.job, self.model, self.index = job, model, index
         self.device = next(model.transformer.parameters()).device
         self.resolution = job.model.resolution
         model.transformer.eval().requires_grad_(False)
@@ -76,6 +78,9 @@ class RolloutWorker:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._uncond = uncond
         self.step: SoarRollout | GrpoRollout | None = None
+        self.trainable: list[str] = []
+        """Names of the parameters the learners train in this stage: what a push sends."""
+        self.weight_group: WeightGroup | None = None
 
     def uncond(self) -> Cond:
         """Encoding of "" on this worker's device (from the latent cache when training from one)."""
@@ -95,6 +100,7 @@ class RolloutWorker:
             transformer.load_state_dict(weights)
             self.model.transformer = transformer
         prepare_stage_model(transformer, stage, seed=self.job.seed)
+        self.trainable = [name for name, _ in trainable_parameters(transformer)]
         transformer.eval().requires_grad_(False)
         self.step = ROLLOUTS[stage.algorithm](self, stage)
 
@@ -107,6 +113,35 @@ class RolloutWorker:
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
+        self.version = version
+        return version
+
+    def join_weight_group(self, host: str, port: int, size: int, binds: list[str],
+                          timeout_s: float, op_timeout_s: float) -> None:  # fmt: skip
+        """(Re)join the weight group at rank 0's store `host:port` as rank `index + 1`, its
+        traffic bound to `binds[rank]` (see `WeightGroup.join`)."""
+        self.leave_weight_group()
+        rank = self.index + 1
+        self.weight_group = WeightGroup.join(
+            host, port, rank, size, self.device, bind=binds[rank], timeout_s=timeout_s,
+            op_timeout_s=op_timeout_s,
+        )  # fmt: skip
+
+    def leave_weight_group(self) -> None:
+        """Close this worker's side of the weight group (members waiting on it fail)."""
+        if self.weight_group is not None:
+            self.weight_group.close()
+            self.weight_group = None
+
+    def receive_weights(self, version: int) -> int:
+        """Take one push of the learners' trainable weights from the weight group (the
+        collective `load_weights`); a push of other names, shapes or dtypes than this stage
+        trains is refused, naming the first differing parameter."""
+        if self.step is None or self.weight_group is None:
+            raise RuntimeError("set_stage and join_weight_group must come before receive_weights")
+        params = dict(self.model.transformer.named_parameters())
+        held = spec_of([(name, params[name]) for name in self.trainable])
+        self.weight_group.receive(params, held)
         self.version = version
         return version
 

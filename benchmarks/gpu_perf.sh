@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Issue 10's GPU measurements on the lent device machine (no network; wheels carried in .whl/):
+# the sections named (default: all), each variant in a process of its own, one JSON line per
+# variant in $OUT/perf.jsonl and the summary table in $OUT/perf.md. Every number comes with the
+# card, the shape (resolution, text tokens, batch) and the date.
+#   soar     the SOAR learner step (benchmarks/profile_soar_step.py) at SD3.5-Medium shape, 512 px,
+#            4 images, 6 aux points, plain-torch engine: activation checkpointing on every block,
+#            on the first 12 or 6 of 24, off; at 333 and 154 text tokens; DeepSpeed ZeRO-2
+#   sync     a full SD3.5-Medium weight push, object store vs NCCL (benchmarks/bench_weight_sync.py),
+#            and a LoRA r32 push (2-GPU machines only: a learner and a rollout worker)
+#   grpo     one Flow-GRPO epoch at its reference shape (benchmarks/bench_grpo_epoch.py)
+#   scaling  the SOAR stage on 1 and 2 learners, 4 images per GPU (2-GPU machines only)
+#   bash benchmarks/gpu_perf.sh soar          # one section a call: each takes minutes
+set -uo pipefail
+source benchmarks/device_env.sh
+gpus=$(nvidia-smi -L | tee "$OUT/gpus.txt" | wc -l)
+sections=${*:-soar sync grpo scaling}
+record() {  # name, JSON file: the file's object with the variant's name, appended to perf.jsonl
+  [ -f "$2" ] || { echo "$1: no result"; return 0; }
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); r['variant']=sys.argv[2]; print(json.dumps(r))" \
+    "$2" "$1" | tee -a "$OUT/perf.jsonl"
+}
+run() {  # name, seconds, command...: run it under a guard, its log kept under $OUT/logs
+  local name=$1 limit=$2; shift 2
+  mkdir -p "$OUT/logs"
+  timeout "$limit" "$@" > "$OUT/logs/$name.log" 2>&1 || { echo "$name failed: exit $?"; tail -15 "$OUT/logs/$name.log"; }
+}
+soar_common="--preset sd35-medium --resolution 512 --batch-size 4 --aux-points 6 --warmup 2 --steps 4 --profile-steps 1"
+for section in $sections; do
+  case $section in
+    soar)
+      for variant in "local-all-333 true 256 local" "local-12-333 12 256 local" \
+                     "local-6-333 6 256 local" "local-none-333 false 256 local" \
+                     "local-all-154 true 77 local" "zero2-all-333 true 256 zero2"; do
+        set -- $variant
+        run "soar-$1" 150 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
+          --t5-tokens "$3" --engine "$4" --out "/tmp/perf-soar-$1"
+        record "soar-$1" "/tmp/perf-soar-$1/profile.json"
+      done ;;
+    sync)
+      [ "$gpus" -ge 2 ] || { echo "sync: needs 2 GPUs (a learner and a rollout worker), this machine has $gpus"; continue; }
+      run sync-full 240 python3 benchmarks/bench_weight_sync.py --preset sd35-medium --out /tmp/perf-sync
+      record sync-full /tmp/perf-sync/weight_sync.json
+      run sync-lora 180 python3 benchmarks/bench_weight_sync.py --preset sd35-medium --lora-rank 32 \
+        --out /tmp/perf-sync-lora
+      record sync-lora /tmp/perf-sync-lora/weight_sync.json ;;
+    grpo)
+      run grpo-epoch 420 python3 benchmarks/bench_grpo_epoch.py --preset sd35-medium --resolution 512 \
+        --precision bf16 --gpus 1 --cpus 4 --reward-actors 2 --reward-cpus 2 --steps 10 \
+        --group-size 24 --groups 2 --batch-size 9 --updates 2 --epochs 3 --warmup 1 --out /tmp/perf-grpo
+      grep -v "^\s*$" "$OUT/logs/grpo-epoch.log" | tail -12 ;;
+    scaling)
+      [ "$gpus" -ge 2 ] || { echo "scaling: needs 2 GPUs, this machine has $gpus"; continue; }
+      for learners in 1 2; do
+        run "scaling-$learners" 240 python3 benchmarks/bench_soar_stage.py --preset sd35-medium \
+          --resolution 512 --batch-size 4 --num-learners "$learners" --cpus-per-learner 8 \
+          --steps 6 --warmup 2 --out "/tmp/perf-scaling-$learners"
+        grep -v "^\s*$" "$OUT/logs/scaling-$learners.log" | tail -4
+      done ;;
+    *) echo "unknown section $section (soar, sync, grpo, scaling)"; exit 2 ;;
+  esac
+done
+python3 - "$OUT/perf.jsonl" > "$OUT/perf.md" <<'PY'
+import json, sys
+from pathlib import Path
+path = Path(sys.argv[1])
+rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+soar = [r for r in rows if r["variant"].startswith("soar-")]
+if soar:
+    print(f"SOAR step, {soar[0]['device']}, {soar[0]['date']}: {soar[0]['preset']}, "
+          f"{soar[0]['resolution']} px, batch {soar[0]['batch']}, {soar[0]['aux_points']} aux points\n")
+    print("| variant | engine | checkpointing | text tokens | step ms | images/s | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in soar:
+        print(f"| {r['variant']} | {r['engine']} | {r['checkpointing']} | {r['text_tokens']} | "
+              f"{r['step_ms']:.0f} | {r['images_per_s']:.2f} | {r['peak_gib']:.1f} |")
+for r in rows:
+    if not r["variant"].startswith("soar-"):
+        print(f"\n{r['variant']}: {json.dumps(r)}")
+PY
+cat "$OUT/perf.md"
