@@ -10,11 +10,13 @@
 #            and a LoRA r32 push (2-GPU machines only: a learner and a rollout worker)
 #   grpo     one Flow-GRPO epoch at its reference shape (benchmarks/bench_grpo_epoch.py)
 #   scaling  the SOAR stage on 1 and 2 learners, 4 images per GPU (2-GPU machines only)
+#   memory   the largest SOAR batch of one learner and its peak GiB (benchmarks/bench_memory.py) at
+#            512 and 1024 px, checkpointing on and off, plain torch and ZeRO-2 (one rank)
 #   bash benchmarks/gpu_perf.sh soar          # one section a call: each takes minutes
 set -uo pipefail
 source benchmarks/device_env.sh
 gpus=$(nvidia-smi -L | tee "$OUT/gpus.txt" | wc -l)
-sections=${*:-soar sync grpo scaling}
+sections=${*:-soar sync grpo scaling memory}
 record() {  # name, JSON file: the file's object with the variant's name, appended to perf.jsonl
   [ -f "$2" ] || { echo "$1: no result"; return 0; }
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); r['variant']=sys.argv[2]; print(json.dumps(r))" \
@@ -57,7 +59,17 @@ for section in $sections; do
           --steps 6 --warmup 2 --out "/tmp/perf-scaling-$learners"
         grep -v "^\s*$" "$OUT/logs/scaling-$learners.log" | tail -4
       done ;;
-    *) echo "unknown section $section (soar, sync, grpo, scaling)"; exit 2 ;;
+    memory)
+      for variant in "512-local true 1,2,4,6,8,12,16" "512-local-none false 1,2,4,6,8" \
+                     "1024-local true 1,2,3,4,6" "1024-zero2 true 1,2,3,4,6"; do
+        set -- $variant
+        engine=${1#*-}; engine=${engine%-none}
+        run "memory-$1" 240 python3 benchmarks/bench_memory.py --preset sd35-medium \
+          --resolution "${1%%-*}" --engine "$engine" --checkpointing "$2" --batch-sizes "$3" \
+          --out "/tmp/perf-memory-$1"
+        record "memory-$1" "/tmp/perf-memory-$1/memory.json"
+      done ;;
+    *) echo "unknown section $section (soar, sync, grpo, scaling, memory)"; exit 2 ;;
   esac
 done
 python3 - "$OUT/perf.jsonl" > "$OUT/perf.md" <<'PY'
@@ -74,8 +86,20 @@ if soar:
     for r in soar:
         print(f"| {r['variant']} | {r['engine']} | {r['checkpointing']} | {r['text_tokens']} | "
               f"{r['step_ms']:.0f} | {r['images_per_s']:.2f} | {r['peak_gib']:.1f} |")
+memory = [r for r in rows if r["variant"].startswith("memory-")]
+if memory:
+    print(f"\nLargest SOAR batch of one learner, {memory[0]['device']}, {memory[0]['date']}: "
+          f"{memory[0]['preset']}, {memory[0]['text_tokens']} text tokens, "
+          f"{memory[0]['aux_points']} aux points\n")
+    print("| variant | px | engine | checkpointing | largest batch | its peak GiB | images/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in memory:
+        fit = [row for row in r["rows"] if not row.get("out_of_memory")]
+        last = fit[-1] if fit else {"peak_gib": float("nan"), "images_per_s": float("nan")}
+        print(f"| {r['variant']} | {r['resolution']} | {r['engine']} | {r['checkpointing']} | "
+              f"{r['largest_batch']} | {last['peak_gib']:.1f} | {last['images_per_s']:.2f} |")
 for r in rows:
-    if not r["variant"].startswith("soar-"):
+    if not r["variant"].startswith(("soar-", "memory-")):
         print(f"\n{r['variant']}: {json.dumps(r)}")
 PY
 cat "$OUT/perf.md"
