@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--checkpointing", default="true",
                         help="activation checkpointing: true, false, or N (the first N blocks)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the MMDiT blocks (deepspeed.compile_blocks)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.batch_sizes.split(",")})
@@ -89,7 +91,7 @@ def main() -> None:
         "date": str(datetime.date.today()), "device": device, "torch": torch.__version__,
         "preset": args.preset, "resolution": args.resolution, "text_tokens": 77 + args.t5_tokens,
         "aux_points": args.aux_points, "engine": args.engine, "precision": args.precision,
-        "checkpointing": args.checkpointing, "largest_batch": max(fits, default=0), "rows": rows,
+        "checkpointing": args.checkpointing, "compile": args.compile, "largest_batch": max(fits, default=0), "rows": rows,
     }  # fmt: skip
     (args.out / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{device}, {args.preset} {args.resolution} px, {77 + args.t5_tokens} text tokens, "

@@ -6,6 +6,8 @@
 #   soar     the SOAR learner step (benchmarks/profile_soar_step.py) at SD3.5-Medium shape, 512 px,
 #            4 images, 6 aux points, plain-torch engine: activation checkpointing on every block,
 #            on the first 12 or 6 of 24, off; at 333 and 154 text tokens; DeepSpeed ZeRO-2
+#   compile  the same step with torch.compile'd blocks (deepspeed.compile_blocks), checkpointing on
+#            every block and on the first 12
 #   sync     a full SD3.5-Medium weight push, object store vs NCCL (benchmarks/bench_weight_sync.py),
 #            and a LoRA r32 push (2-GPU machines only: a learner and a rollout worker)
 #   grpo     one Flow-GRPO epoch at its reference shape (benchmarks/bench_grpo_epoch.py)
@@ -16,7 +18,7 @@
 set -uo pipefail
 source benchmarks/device_env.sh
 gpus=$(nvidia-smi -L | tee "$OUT/gpus.txt" | wc -l)
-sections=${*:-soar sync grpo scaling memory}
+sections=${*:-soar compile sync grpo scaling memory}
 record() {  # name, JSON file: the file's object with the variant's name, appended to perf.jsonl
   [ -f "$2" ] || { echo "$1: no result"; return 0; }
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); r['variant']=sys.argv[2]; print(json.dumps(r))" \
@@ -37,6 +39,13 @@ for section in $sections; do
         set -- $variant
         run "soar-$1" 150 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
           --t5-tokens "$3" --engine "$4" --out "/tmp/perf-soar-$1"
+        record "soar-$1" "/tmp/perf-soar-$1/profile.json"
+      done ;;
+    compile)
+      for variant in "local-all-333-compiled true" "local-12-333-compiled 12"; do
+        set -- $variant
+        run "soar-$1" 300 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
+          --t5-tokens 256 --engine local --compile --out "/tmp/perf-soar-$1"
         record "soar-$1" "/tmp/perf-soar-$1/profile.json"
       done ;;
     sync)
@@ -69,7 +78,7 @@ for section in $sections; do
           --out "/tmp/perf-memory-$1"
         record "memory-$1" "/tmp/perf-memory-$1/memory.json"
       done ;;
-    *) echo "unknown section $section (soar, sync, grpo, scaling, memory)"; exit 2 ;;
+    *) echo "unknown section $section (soar, compile, sync, grpo, scaling, memory)"; exit 2 ;;
   esac
 done
 python3 - "$OUT/perf.jsonl" > "$OUT/perf.md" <<'PY'
@@ -81,10 +90,11 @@ soar = [r for r in rows if r["variant"].startswith("soar-")]
 if soar:
     print(f"SOAR step, {soar[0]['device']}, {soar[0]['date']}: {soar[0]['preset']}, "
           f"{soar[0]['resolution']} px, batch {soar[0]['batch']}, {soar[0]['aux_points']} aux points\n")
-    print("| variant | engine | checkpointing | text tokens | step ms | images/s | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | engine | checkpointing | compiled | text tokens | step ms | images/s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in soar:
-        print(f"| {r['variant']} | {r['engine']} | {r['checkpointing']} | {r['text_tokens']} | "
+        print(f"| {r['variant']} | {r['engine']} | {r['checkpointing']} | {r.get('compile', False)} | "
+              f"{r['text_tokens']} | "
               f"{r['step_ms']:.0f} | {r['images_per_s']:.2f} | {r['peak_gib']:.1f} |")
 memory = [r for r in rows if r["variant"].startswith("memory-")]
 if memory:

@@ -58,6 +58,7 @@ def make_job(args: argparse.Namespace, out: Path):
         f"deepspeed.precision={args.precision}",
         f"deepspeed.zero_stage={int(args.engine.removeprefix('zero')) if args.engine != 'local' else 0}",
         f"deepspeed.activation_checkpointing={args.checkpointing}",
+        f"deepspeed.compile_blocks={str(args.compile).lower()}",
         f"stages.0.aux_eval={args.aux_eval}", f"stages.0.trajectory_length={args.aux_points}",
     ]  # fmt: skip
     image_job = load_job("jobs/tiny.yaml", overrides)
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", default="true",
                         help="activation checkpointing: true (every block), false, or N: the "
                         "first N blocks")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the MMDiT blocks (deepspeed.compile_blocks)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=3)
@@ -173,7 +176,7 @@ def main() -> None:
         "date": str(datetime.date.today()), "device": device, "torch": torch.__version__,
         "preset": args.preset, "resolution": args.resolution, "batch": args.batch_size,
         "text_tokens": 77 + args.t5_tokens, "aux_points": args.aux_points, "engine": args.engine,
-        "precision": args.precision, "checkpointing": args.checkpointing,
+        "precision": args.precision, "checkpointing": args.checkpointing, "compile": args.compile,
         "aux_eval": args.aux_eval, "build_s": build_s, "step_ms": step_ms,
         "images_per_s": args.batch_size / (step_ms / 1e3), "peak_gib": peak,
         # Under the profiler: the step's wall time, and what the named phases leave of it (on a

@@ -259,3 +259,28 @@ def test_selective_activation_checkpointing_recomputes_only_the_first_blocks(blo
     torch.testing.assert_close(loss, expected_loss)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_compiled_blocks_keep_their_names_and_a_deep_copy_runs_its_own_weights():
+    import copy
+
+    from soar_ray.models.sd3 import compile_blocks
+
+    transformer = build_transformer("tiny")
+    names = list(transformer.state_dict())
+    compile_blocks(transformer)  # compiles at the first call: nothing below calls the original
+    assert list(transformer.state_dict()) == names
+    assert transformer.transformer_blocks[0]._compiled_call_impl is not None
+    # A stage's reference policy is a deep copy: it must not call the original's compiled
+    # forward (the original's weights) but run eagerly on its own.
+    twin = copy.deepcopy(transformer)
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in twin.modules())
+    x = torch.randn(1, 16, 8, 8)
+    cond = {"prompt_embeds": torch.randn(1, 5, transformer.config.joint_attention_dim),
+            "pooled_embeds": torch.randn(1, transformer.config.pooled_projection_dim)}  # fmt: skip
+    with torch.no_grad():
+        before = sd3_denoise(twin, x, torch.tensor([500.0]), cond)
+        for p in twin.transformer_blocks[0].parameters():
+            p.add_(0.1)
+        after = sd3_denoise(twin, x, torch.tensor([500.0]), cond)
+    assert not torch.allclose(before, after)

@@ -193,6 +193,8 @@ class DeepSpeedConfig(Section):
     """Keep parameters in CPU memory (ZeRO 3)."""
     activation_checkpointing: bool | NonNegInt = True
     """Recompute MMDiT block activations in backward: true for all, N for the first N blocks."""
+    compile_blocks: bool = False
+    """torch.compile the learners' MMDiT blocks (the first steps of a stage compile them)."""
     allow_tf32: bool = True
     """TF32 matmuls on Ampere+ GPUs for fp32 work (reference `--allow_tf32`)."""
     overlap_comm: bool = True
@@ -403,6 +405,9 @@ class JobConfig(Section):
             )
         if not engine.enabled and (engine.offload_params or engine.offload_optimizer):
             raise ValueError("deepspeed.enabled: false has no CPU offload; turn offload off")
+        if engine.compile_blocks and engine.enabled and engine.zero_stage == 3:
+            raise ValueError("deepspeed.compile_blocks: not with deepspeed.zero_stage 3 (its "
+                             "parameters are gathered in module hooks); use zero_stage <= 2")  # fmt: skip
         if engine.offload_params and engine.zero_stage != 3:
             raise ValueError("deepspeed.offload_params: needs deepspeed.zero_stage 3")
         if engine.offload_optimizer and engine.zero_stage == 0:

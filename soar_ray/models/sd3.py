@@ -59,6 +59,13 @@ def _recompute_marked(block: torch.nn.Module, *args):
     return block(*args)
 
 
+def compile_blocks(transformer: SD3Transformer2DModel) -> None:
+    """torch.compile every MMDiT block in place (`nn.Module.compile`: the state-dict names stay;
+    a deep copy, e.g. a stage's reference policy, runs eagerly with its own weights)."""
+    for block in transformer.transformer_blocks:
+        block.compile()
+
+
 def check_cond(cond: Cond, batch_size: int) -> None:
     """Raise unless `cond` has exactly the SD3 keys with batch-first tensors of `batch_size`."""
     if set(cond) != set(COND_KEYS):

@@ -28,7 +28,7 @@ from soar_ray.errors import WeightGroupBroken
 from soar_ray.models import SD3Model, add_lora, has_lora, merge_lora, save_transformer
 from soar_ray.models import trainable_parameters as named_trainable
 from soar_ray.models.build import load_transformer
-from soar_ray.models.sd3 import move, set_activation_checkpointing
+from soar_ray.models.sd3 import compile_blocks, move, set_activation_checkpointing
 from soar_ray.workers.engine import (
     LocalEngine,
     build_deepspeed_engine,
@@ -161,6 +161,8 @@ class Learner:
             self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
         self.params = prepare_stage_model(transformer, stage, seed=job.seed)
         set_activation_checkpointing(transformer, job.deepspeed.activation_checkpointing)
+        if job.deepspeed.compile_blocks:
+            compile_blocks(transformer)
         transformer.train()
         micro_batch, accumulation = step_type.batching(job, stage)
         if self.distributed:
