@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_soar_step import DEVICE, make_job, one_rank_group, sync  # noqa: E402
+from profile_soar_step import (  # noqa: E402
+    DEVICE,
+    add_step_arguments,
+    make_job,
+    one_rank_group,
+    sync,
+)
 
 from soar_ray.build import build_dataset, build_learner, build_sd3  # noqa: E402
 from soar_ray.data import collate_samples  # noqa: E402
@@ -47,18 +53,8 @@ def probe(learner, batch: dict, steps: int = 2) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--resolution", type=int, default=64)
+    add_step_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,2,4,6,8,12,16")
-    parser.add_argument("--t5-tokens", type=int, default=256)
-    parser.add_argument("--aux-points", type=int, default=6)
-    parser.add_argument("--aux-eval", default="fused", choices=["fused", "sequential"])
-    parser.add_argument("--engine", default="local", choices=["local", "zero1", "zero2", "zero3"])
-    parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--checkpointing", default="true",
-                        help="activation checkpointing: true, false, or N (the first N blocks)")  # fmt: skip
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the MMDiT blocks (deepspeed.compile_blocks)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.batch_sizes.split(",")})

@@ -117,11 +117,10 @@ def phase_table(prof) -> dict[str, float]:
     return totals
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `make_job` reads, besides the batch size: the step's shape and engine settings."""
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--t5-tokens", type=int, default=256)
     parser.add_argument("--aux-points", type=int, default=6)
     parser.add_argument("--aux-eval", default="fused", choices=["fused", "sequential"])
@@ -133,6 +132,12 @@ def main() -> None:
                         "first N blocks")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the MMDiT blocks (deepspeed.compile_blocks)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=3)

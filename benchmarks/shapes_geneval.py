@@ -369,9 +369,10 @@ def evaluate_run(study: Study, world, run_dir: Path, stage: str, steps_list: tup
         trained.wait(1.0)
     if cancelled.is_set():
         return None
-    points = [curve[folder.name] for folder in checkpoint_folders(run_dir)]
+    folders = checkpoint_folders(run_dir)
+    points = [curve[folder.name] for folder in folders]
     final, output = {}, run_dir / stage / "transformer"
-    last = checkpoint_folders(run_dir)[-1] / "transformer" if points else None
+    last = folders[-1] / "transformer" if folders else None
     if last is not None:
         out = run_dir / "eval" / f"{last.parent.name}-seen-{first}"
         points[-1]["seen"] = evaluate(study, last, world.eval_seen, first, out)

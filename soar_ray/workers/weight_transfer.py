@@ -86,6 +86,17 @@ def plan_buckets(spec: list[Entry], bucket_bytes: int = BUCKET_BYTES) -> list[Bu
     return buckets
 
 
+def bucket_views(spec: list[Entry], bucket: Bucket, flat: torch.Tensor):
+    """(header index, view of `flat` in that tensor's shape) of each tensor of `bucket`: where it
+    lies in the flat bucket, for packing and unpacking alike."""
+    offset = 0
+    for index in bucket.entries:
+        shape = spec[index][1]
+        size = math.prod(shape)
+        yield index, flat[offset : offset + size].view(shape)
+        offset += size
+
+
 def first_difference(sent: list[Entry], held: list[Entry]) -> str | None:
     """How the first differing entry of two headers differs (None when they are equal)."""
     for index, (a, b) in enumerate(itertools.zip_longest(sent, held)):
@@ -146,13 +157,9 @@ class Push:
         """The pushed tensors by name on CPU, each in storage of its own."""
         out = {}
         for bucket, flat in zip(self.plan, self.buckets, strict=True):
-            flat = flat.cpu()  # host sync on CUDA: after the packing, not the broadcasts
-            offset = 0
-            for index in bucket.entries:
-                name, shape, _ = self.spec[index]
-                size = math.prod(shape)
-                out[name] = flat[offset : offset + size].view(shape).clone()
-                offset += size
+            # Host sync on CUDA: after the packing, not the broadcasts.
+            for index, view in bucket_views(self.spec, bucket, flat.cpu()):
+                out[self.spec[index][0]] = view.clone()
         return out
 
 
@@ -231,12 +238,8 @@ class WeightGroup:
         buckets = []
         for bucket in plan:
             flat = torch.empty(bucket.numel, dtype=to_dtype(bucket.dtype), device=self.device)
-            offset = 0
-            for index in bucket.entries:
-                shape, value = spec[index][1], named[index][2]
-                size = math.prod(shape)
-                flat[offset : offset + size].view(shape).copy_(value.detach())
-                offset += size
+            for index, view in bucket_views(spec, bucket, flat):
+                view.copy_(named[index][2].detach())
             buckets.append(flat)
         header = torch.frombuffer(bytearray(encode_header(spec, bucket_bytes)), dtype=torch.uint8)
         header = header.to(self.device)
@@ -264,12 +267,8 @@ class WeightGroup:
                 num_bytes += flat.nbytes
                 if difference is not None:
                     continue  # taken only so the collective completes for every member
-                offset = 0
-                for index in bucket.entries:
-                    name, shape, _ = spec[index]
-                    size = math.prod(shape)
-                    params[name].copy_(flat[offset : offset + size].view(shape))
-                    offset += size
+                for index, view in bucket_views(spec, bucket, flat):
+                    params[spec[index][0]].copy_(view)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # host sync: the weights are in
         if difference is not None:
