@@ -15,6 +15,7 @@ import ray
 import torch
 
 from soar_ray.config import ConfigError, load_job
+from soar_ray.errors import RunStopped
 from soar_ray.workers.learner import Learner
 from soar_ray.workers.weight_transfer import (
     Bucket,
@@ -196,6 +197,22 @@ def _workers_hold(ctx, version, ema=False):
         assert held_version == version
         assert all(torch.equal(held[name], expected[name]) for name in expected)
     return expected
+
+
+def test_a_group_that_does_not_form_stops_in_one_line_naming_the_way_out():
+    """A member whose rank 0 is gone (lost while the group forms: its port closed): RunStopped
+    after the timeout, saying what to set."""
+    closed = listen("127.0.0.1")
+    port = closed.getsockname()[1]
+    closed.close()
+    start = time.monotonic()
+    with pytest.raises(RunStopped) as info:
+        WeightGroup.join("127.0.0.1", port, 1, 2, torch.device("cpu"), bind="127.0.0.1",
+                         timeout_s=1, op_timeout_s=1)  # fmt: skip
+    message = str(info.value)
+    assert "did not form for its rank 1 within 1 s" in message and "\n" not in message
+    assert "set cluster.weight_sync: object_store" in message
+    assert time.monotonic() - start < 30
 
 
 @pytest.mark.slow
