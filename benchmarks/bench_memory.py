@@ -33,7 +33,7 @@ from profile_soar_step import (  # noqa: E402
     sync,
 )
 
-from soar_ray.build import build_dataset, build_learner, build_sd3  # noqa: E402
+from soar_ray.build import build_dataset, build_learner, build_sd3, learner_components  # noqa: E402
 from soar_ray.data import collate_samples  # noqa: E402
 
 
@@ -67,7 +67,8 @@ def main() -> None:
     samples = [dataset.get(i, 0) for i in range(sizes[-1])]
     if args.engine != "local":
         one_rank_group()
-    learner = build_learner(job, build_sd3(job, DEVICE), distributed=args.engine != "local")
+    learner = build_learner(job, build_sd3(job, DEVICE, components=learner_components(job)),
+                            distributed=args.engine != "local")
     learner.setup_stage(0)
     rows = []
     for size in sizes:

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace, out: Path) -> dict:
         f"cluster.cpus_per_learner={args.cpus_per_learner}",
         f"deepspeed.zero_stage={args.zero_stage}", f"deepspeed.precision={args.precision}",
         f"deepspeed.activation_checkpointing={args.checkpointing}",
+        f"deepspeed.compile_blocks={str(args.compile).lower()}",
         f"stages.0.num_steps={args.steps}", f"stages.0.aux_eval={args.aux_eval}",
         "logging.sample_every=0", "logging.tensorboard=false", "logging.progress_bar=false",
         f"checkpoint.every={10**6}", "checkpoint.resume=never", "model.dtype=fp32",
@@ -111,6 +112,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", default="true",
                         help="activation checkpointing: true (every block), false, or N: the "
                         "first N blocks")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the MMDiT blocks (deepspeed.compile_blocks)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)

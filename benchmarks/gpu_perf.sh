@@ -7,11 +7,12 @@
 #            4 images, 6 aux points, plain-torch engine: activation checkpointing on every block,
 #            on the first 12 or 6 of 24, off; at 333 and 154 text tokens; DeepSpeed ZeRO-2
 #   compile  the same step with torch.compile'd blocks (deepspeed.compile_blocks), checkpointing on
-#            every block and on the first 12
+#            every block and on the first 12; the first 12 also at 154 tokens and under ZeRO-2
 #   sync     a full SD3.5-Medium weight push, object store vs NCCL (benchmarks/bench_weight_sync.py),
 #            and a LoRA r32 push (2-GPU machines only: a learner and a rollout worker)
 #   grpo     one Flow-GRPO epoch at its reference shape (benchmarks/bench_grpo_epoch.py)
-#   scaling  the SOAR stage on 1 and 2 learners, 4 images per GPU (2-GPU machines only)
+#   scaling  the SOAR stage on 1 and 2 learners, 4 images per GPU, ZeRO-2, compiled blocks,
+#            checkpointing on the first 12 (2-GPU machines only)
 #   memory   the largest SOAR batch of one learner and its peak GiB (benchmarks/bench_memory.py) at
 #            512 and 1024 px, checkpointing on and off, plain torch and ZeRO-2 (one rank)
 #   bash benchmarks/gpu_perf.sh soar          # one section a call: each takes minutes
@@ -37,15 +38,16 @@ for section in $sections; do
                      "local-6-333 6 256 local" "local-none-333 false 256 local" \
                      "local-all-154 true 77 local" "zero2-all-333 true 256 zero2"; do
         set -- $variant
-        run "soar-$1" 150 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
+        run "soar-$1" 200 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
           --t5-tokens "$3" --engine "$4" --out "/tmp/perf-soar-$1"
         record "soar-$1" "/tmp/perf-soar-$1/profile.json"
       done ;;
     compile)
-      for variant in "local-all-333-compiled true" "local-12-333-compiled 12"; do
+      for variant in "local-all-333-compiled true 256 local" "local-12-333-compiled 12 256 local" \
+                     "zero2-12-333-compiled 12 256 zero2" "local-12-154-compiled 12 77 local"; do
         set -- $variant
         run "soar-$1" 300 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
-          --t5-tokens 256 --engine local --compile --out "/tmp/perf-soar-$1"
+          --t5-tokens "$3" --engine "$4" --compile --out "/tmp/perf-soar-$1"
         record "soar-$1" "/tmp/perf-soar-$1/profile.json"
       done ;;
     sync)
@@ -65,6 +67,7 @@ for section in $sections; do
       for learners in 1 2; do
         run "scaling-$learners" 240 python3 benchmarks/bench_soar_stage.py --preset sd35-medium \
           --resolution 512 --batch-size 4 --num-learners "$learners" --cpus-per-learner 8 \
+          --checkpointing 12 --compile \
           --steps 6 --warmup 2 --out "/tmp/perf-scaling-$learners"
         grep -v "^\s*$" "$OUT/logs/scaling-$learners.log" | tail -4
       done ;;

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_soar_stage import random_encoders  # noqa: E402
 
-from soar_ray.build import build_dataset, build_learner, build_sampler, build_sd3, model_identity
+from soar_ray.build import (build_dataset, build_learner, build_sampler, build_sd3,
+                            learner_components, model_identity)  # fmt: skip
 from soar_ray.cluster.session import free_port
 from soar_ray.config import load_job
 from soar_ray.data import write_latent_cache
@@ -60,6 +61,7 @@ def make_job(args: argparse.Namespace, out: Path):
         f"deepspeed.activation_checkpointing={args.checkpointing}",
         f"deepspeed.compile_blocks={str(args.compile).lower()}",
         f"stages.0.aux_eval={args.aux_eval}", f"stages.0.trajectory_length={args.aux_points}",
+        "logging.sample_every=0",
     ]  # fmt: skip
     image_job = load_job("jobs/tiny.yaml", overrides)
     cache_dir = out / "cache"
@@ -151,7 +153,8 @@ def main() -> None:
     if args.engine != "local":
         one_rank_group()
     start = time.perf_counter()
-    learner = build_learner(job, build_sd3(job, DEVICE), distributed=args.engine != "local")
+    learner = build_learner(job, build_sd3(job, DEVICE, components=learner_components(job)),
+                            distributed=args.engine != "local")
     learner.setup_stage(0)
     name_phases(learner)
     build_s = time.perf_counter() - start
