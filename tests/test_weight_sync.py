@@ -288,7 +288,7 @@ SHARED = ("cluster.gpus_per_learner=0.5", "cluster.gpus_per_rollout_worker=0.5",
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ((*GPUS, "cluster.gpus_per_rollout_worker=1"), "object_store"),  # the default
+        ((*GPUS, "cluster.gpus_per_rollout_worker=1"), "collective"),  # the default: auto
         ((AUTO,), "object_store"),  # tiny.yaml: CPU learners and workers
         ((AUTO, *GPUS, "cluster.gpus_per_rollout_worker=1"), "collective"),
         ((AUTO, *GPUS, "cluster.gpus_per_rollout_worker=0.5"), "object_store"),  # shared GPUs

@@ -1,6 +1,6 @@
 """Weight sync, learner -> rollout workers, version-stamped; `cluster.weight_sync` picks the backend
-(default `object_store`; `auto`: collective when learners and rollout workers hold GPUs of their
-own, else object store).
+(default `auto`: collective when learners and rollout workers hold GPUs, each worker whole ones of
+its own, else the object store).
 
 `object_store` works everywhere (CPU, GPU, multi-node): learner rank 0 gathers the trainable
 weights (a ZeRO-3 gather when partitioned), puts them in the Ray object store once, and every

@@ -163,7 +163,7 @@ class ClusterConfig(Section):
     """Restarts of a failed rollout or reward actor before the job fails."""
     max_task_retries: NonNegInt = 3
     """Reruns of a reward-scoring or rollout call whose actor was lost (after Ray restarts it)."""
-    weight_sync: Literal["auto", "object_store", "collective"] = "object_store"
+    weight_sync: Literal["auto", "object_store", "collective"] = "auto"
     """Learner -> rollout weights: `object_store`, `collective` (NCCL/gloo broadcast), or `auto`."""
 
     @property
