@@ -31,8 +31,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_soar_stage import random_encoders  # noqa: E402
 
-from soar_ray.build import (build_dataset, build_learner, build_sampler, build_sd3,
-                            learner_components, model_identity)  # fmt: skip
+from soar_ray.build import (
+    build_dataset,
+    build_learner,
+    build_sampler,
+    build_sd3,
+    learner_components,  # fmt: skip
+    model_identity,
+)
 from soar_ray.cluster.session import free_port
 from soar_ray.config import load_job
 from soar_ray.data import write_latent_cache
