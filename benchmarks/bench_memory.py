@@ -67,8 +67,8 @@ def main() -> None:
     samples = [dataset.get(i, 0) for i in range(sizes[-1])]
     if args.engine != "local":
         one_rank_group()
-    learner = build_learner(job, build_sd3(job, DEVICE, components=learner_components(job)),
-                            distributed=args.engine != "local")
+    model = build_sd3(job, DEVICE, components=learner_components(job))
+    learner = build_learner(job, model, distributed=args.engine != "local")
     learner.setup_stage(0)
     rows = []
     for size in sizes:

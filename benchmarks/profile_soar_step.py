@@ -36,7 +36,7 @@ from soar_ray.build import (
     build_learner,
     build_sampler,
     build_sd3,
-    learner_components,  # fmt: skip
+    learner_components,
     model_identity,
 )
 from soar_ray.cluster.session import free_port
@@ -159,8 +159,8 @@ def main() -> None:
     if args.engine != "local":
         one_rank_group()
     start = time.perf_counter()
-    learner = build_learner(job, build_sd3(job, DEVICE, components=learner_components(job)),
-                            distributed=args.engine != "local")
+    model = build_sd3(job, DEVICE, components=learner_components(job))
+    learner = build_learner(job, model, distributed=args.engine != "local")
     learner.setup_stage(0)
     name_phases(learner)
     build_s = time.perf_counter() - start
