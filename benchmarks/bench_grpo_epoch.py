@@ -57,6 +57,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-staleness", type=int, default=0,
                         help="epochs sampled ahead of training (0: on-policy)")  # fmt: skip
+    parser.add_argument("--checkpointing", default="true",
+                        help="deepspeed.activation_checkpointing: true, false or N blocks")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the learner's and the rollout worker's MMDiT blocks")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1, help="epochs left out of the median")
     parser.add_argument("--out", default="/tmp/grpo-bench")
     parser.add_argument("--dry-run", action="store_true", help="validate the overrides only")
@@ -88,6 +92,9 @@ def main() -> None:
         "checkpoint.every=1000", "checkpoint.resume=never", "logging.sample_every=0",
         "logging.progress_bar=false", "logging.tensorboard=false",
         f"deepspeed.precision={args.precision}", f"deepspeed.zero_stage={args.zero_stage}",
+        f"deepspeed.activation_checkpointing={args.checkpointing}",
+        f"deepspeed.compile_blocks={str(args.compile).lower()}",
+        f"cluster.compile_rollout_blocks={str(args.compile).lower()}",
     ]  # fmt: skip
     from soar_ray.config import load_job
 
@@ -100,7 +107,8 @@ def main() -> None:
           f"sample/train batch {stage.sample_batch_size}/{stage.train_batch_size}, "
           f"LoRA r{stage.lora.r} (enabled {stage.lora.enabled}), "
           f"{job.deepspeed.precision} ZeRO-{job.deepspeed.zero_stage}, "
-          f"activation checkpointing {job.deepspeed.activation_checkpointing}")  # fmt: skip
+          f"activation checkpointing {job.deepspeed.activation_checkpointing}, compiled blocks "
+          f"{job.deepspeed.compile_blocks}")  # fmt: skip
     if args.dry_run:
         return
     if out.exists():

@@ -10,16 +10,18 @@
 #            every block and on the first 12; the first 12 also at 154 tokens and under ZeRO-2
 #   sync     a full SD3.5-Medium weight push, object store vs NCCL (benchmarks/bench_weight_sync.py),
 #            and a LoRA r32 push (2-GPU machines only: a learner and a rollout worker)
-#   grpo     one Flow-GRPO epoch at its reference shape (benchmarks/bench_grpo_epoch.py)
+#   grpo     one Flow-GRPO epoch at its reference shape (benchmarks/bench_grpo_epoch.py): activation
+#            checkpointing on, eager blocks
+#   grpo-fast  the same with checkpointing off and the learner's and rollout worker's blocks compiled
 #   scaling  the SOAR stage on 1 and 2 learners, 4 images per GPU, ZeRO-2, compiled blocks,
-#            checkpointing on the first 12 (2-GPU machines only)
+#            checkpointing on the first 12 (2-GPU machines only; scaling-1 / scaling-2: one of them)
 #   memory   the largest SOAR batch of one learner and its peak GiB (benchmarks/bench_memory.py) at
 #            512 and 1024 px, checkpointing on and off, plain torch and ZeRO-2 (one rank)
 #   bash benchmarks/gpu_perf.sh soar          # one section a call: each takes minutes
 set -uo pipefail
 source benchmarks/device_env.sh
 gpus=$(nvidia-smi -L | tee "$OUT/gpus.txt" | wc -l)
-sections=${*:-soar compile sync grpo scaling memory}
+sections=${*:-soar compile sync grpo grpo-fast scaling memory}
 record() {  # name, JSON file: the file's object with the variant's name, appended to perf.jsonl
   [ -f "$2" ] || { echo "$1: no result"; return 0; }
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); r['variant']=sys.argv[2]; print(json.dumps(r))" \
@@ -57,15 +59,18 @@ for section in $sections; do
       run sync-lora 180 python3 benchmarks/bench_weight_sync.py --preset sd35-medium --lora-rank 32 \
         --out /tmp/perf-sync-lora
       record sync-lora /tmp/perf-sync-lora/weight_sync.json ;;
-    grpo)
-      run grpo-epoch 420 python3 benchmarks/bench_grpo_epoch.py --preset sd35-medium --resolution 512 \
+    grpo|grpo-fast)
+      flags=(); [ "$section" = grpo-fast ] && flags=(--checkpointing false --compile)
+      run "$section" 480 python3 benchmarks/bench_grpo_epoch.py --preset sd35-medium --resolution 512 \
         --precision bf16 --gpus 1 --cpus 4 --reward-actors 2 --reward-cpus 2 --steps 10 \
-        --group-size 24 --groups 2 --batch-size 9 --updates 2 --epochs 3 --warmup 1 --out /tmp/perf-grpo
-      grep -v "^\s*$" "$OUT/logs/grpo-epoch.log" | tail -12 ;;
-    scaling)
-      [ "$gpus" -ge 2 ] || { echo "scaling: needs 2 GPUs, this machine has $gpus"; continue; }
-      for learners in 1 2; do
-        run "scaling-$learners" 240 python3 benchmarks/bench_soar_stage.py --preset sd35-medium \
+        --group-size 24 --groups 2 --batch-size 9 --updates 2 --epochs 3 --warmup 1 "${flags[@]}" \
+        --out "/tmp/perf-$section"
+      grep -v "^\s*$" "$OUT/logs/$section.log" | tail -12 ;;
+    scaling|scaling-1|scaling-2)
+      counts=${section#scaling}; counts=${counts#-}
+      [ "$gpus" -ge "${counts:-2}" ] || { echo "$section: needs ${counts:-2} GPUs, this machine has $gpus"; continue; }
+      for learners in ${counts:-1 2}; do
+        run "scaling-$learners" 290 python3 benchmarks/bench_soar_stage.py --preset sd35-medium \
           --resolution 512 --batch-size 4 --num-learners "$learners" --cpus-per-learner 8 \
           --checkpointing 12 --compile \
           --steps 6 --warmup 2 --out "/tmp/perf-scaling-$learners"
@@ -81,7 +86,7 @@ for section in $sections; do
           --out "/tmp/perf-memory-$1"
         record "memory-$1" "/tmp/perf-memory-$1/memory.json"
       done ;;
-    *) echo "unknown section $section (soar, compile, sync, grpo, scaling, memory)"; exit 2 ;;
+    *) echo "unknown section $section (soar, compile, sync, grpo, grpo-fast, scaling[-1|-2], memory)"; exit 2 ;;
   esac
 done
 python3 - "$OUT/perf.jsonl" > "$OUT/perf.md" <<'PY'

@@ -201,6 +201,40 @@ def test_max_staleness_one_samples_the_next_epoch_during_training(ray_local, tmp
     assert rows[0]["kl_first"] == 0.0 and rows[-1]["kl"] > 0.0
 
 
+def test_compiled_blocks_sample_and_train_a_lora_epoch_as_the_eager_ones(tmp_path):
+    """`cluster.compile_rollout_blocks` and `deepspeed.compile_blocks` (inductor) on a LoRA GRPO
+    stage: the same trajectories and log-probs from the rollout worker, and the same update (its
+    KL to the base with the adapters off included) and adapters from the learner, as eager."""
+    from soar_ray.build import build_learner
+
+    results = []
+    for compiled in ("false", "true"):
+        job = _job("jobs/tiny_grpo.yaml", tmp_path, "cluster.num_learners=1",
+                   "stages.0.lora.enabled=true", "stages.0.lora.r=4", "stages.0.beta=0.04",
+                   "stages.0.num_inner_epochs=1", "stages.0.optimizer.lr=1e-2",
+                   "stages.0.train_batch_size=2", "stages.0.num_updates_per_epoch=2",
+                   f"cluster.compile_rollout_blocks={compiled}",
+                   f"deepspeed.compile_blocks={compiled}")  # fmt: skip
+        trajectories = _trajectories(job, 4)
+        learner = build_learner(job, build_sd3(job), distributed=False)
+        learner.setup_stage(0)
+        [(plan, _)] = plan_epoch([(0, i) for i in range(4)], [1.0, -1.0, 1.0, -1.0],
+                                 job.stages[0], num_learners=1, seed=0)  # fmt: skip
+        metrics = learner.train(plan, trajectories)
+        blocks = learner.model.transformer.transformer_blocks
+        assert (blocks[0]._compiled_call_impl is not None) == (compiled == "true")
+        results.append((trajectories, metrics, learner.export_weights()))
+    (eager, eager_metrics, eager_weights), (got, metrics, weights) = results
+    torch.testing.assert_close(got.latents, eager.latents, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.log_probs, eager.log_probs, rtol=1e-4, atol=1e-4)
+    assert metrics["kl"] > 0 and metrics["grad_norm"] > 0
+    for key in ("policy_loss", "kl", "grad_norm"):
+        assert metrics[key] == pytest.approx(eager_metrics[key], rel=1e-3, abs=1e-7), key
+    assert set(weights) == set(eager_weights) and all("lora" in name for name in weights)
+    for name, value in weights.items():
+        torch.testing.assert_close(value, eager_weights[name], rtol=1e-4, atol=1e-5)
+
+
 def _trajectories(job, num):
     """One batch of trajectories sampled in this process with the job's initial weights."""
     worker = RolloutWorker(job, build_sd3(job), seed=0)

@@ -147,6 +147,8 @@ class ClusterConfig(Section):
     """Ray logical CPUs per rollout worker."""
     colocate_rollout_with_learners: bool = False
     """Put rollout workers on the learners' GPUs (fractions that must sum to <= 1)."""
+    compile_rollout_blocks: bool = False
+    """torch.compile the rollout workers' MMDiT blocks (sampling, aux points, evaluation)."""
     reward_actors: dict[Word, RewardActorsConfig] = {}
     """Reward name -> its actors; a reward not listed gets the defaults."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

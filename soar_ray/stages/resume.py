@@ -34,6 +34,7 @@ RESUME_MAY_CHANGE = (
     "cluster.address", "cluster.*_per_*", "cluster.num_rollout_workers",
     "cluster.colocate_rollout_with_learners", "cluster.reward_actors*",
     "cluster.placement_strategy", "cluster.*_timeout_s", "cluster.max_*", "cluster.weight_sync",
+    "cluster.compile_rollout_blocks",
     "deepspeed.activation_checkpointing", "deepspeed.compile_blocks", "deepspeed.allow_tf32",
     "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size",
     "rewards.*.device", "rewards.*.batch_size", "rewards.*.on_bad_score",

@@ -15,7 +15,7 @@ from soar_ray.config import JobConfig
 from soar_ray.metrics import to_uint8_images
 from soar_ray.models import SD3Model, trainable_parameters
 from soar_ray.models.build import load_transformer
-from soar_ray.models.sd3 import SD3_SCHEDULE_SHIFT, move
+from soar_ray.models.sd3 import SD3_SCHEDULE_SHIFT, compile_blocks, move
 from soar_ray.workers.grpo import GrpoRollout
 from soar_ray.workers.soar import SoarRollout
 from soar_ray.workers.weight_transfer import WeightGroup, spec_of
@@ -98,11 +98,17 @@ class RolloutWorker:
             transformer = type(transformer).from_config(transformer.config)
             move(transformer, self.device, next(iter(weights.values())).dtype)
             transformer.load_state_dict(weights)
-            self.model.transformer = transformer
         prepare_stage_model(transformer, stage, seed=self.job.seed)
         self.trainable = [name for name, _ in trainable_parameters(transformer)]
-        transformer.eval().requires_grad_(False)
+        self._hold(transformer)
         self.step = ROLLOUTS[stage.algorithm](self, stage)
+
+    def _hold(self, transformer: torch.nn.Module) -> None:
+        """Make `transformer` this worker's inference copy: eval, no grad, its blocks compiled
+        when `cluster.compile_rollout_blocks` says so."""
+        self.model.transformer = transformer.eval().requires_grad_(False)
+        if self.job.cluster.compile_rollout_blocks:
+            compile_blocks(transformer)
 
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
         """Copy the learners' trainable weights (by name) in; every name must exist here."""
@@ -148,8 +154,7 @@ class RolloutWorker:
     def load_transformer(self, path: str | Path) -> None:
         """Replace the weights by a diffusers transformer folder (evaluating a saved model)."""
         dtype = next(self.model.transformer.parameters()).dtype
-        transformer = load_transformer(path, self.device, dtype)
-        self.model.transformer = transformer.eval().requires_grad_(False)
+        self._hold(load_transformer(path, self.device, dtype))
 
     def rollout(self, request: Any) -> tuple:
         """The stage's rollout of one request (a batch for SOAR, prompts for GRPO)."""
