@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# The shapes study (benchmarks/shapes_geneval.py) on the lent GPU machine (no network): the GPU
-# profile for the split seeds given (default 0,1; on a 2-GPU machine both run side by side),
+# The shapes study (benchmarks/shapes_geneval.py) on the lent GPU machine (no network): a GPU
+# profile (default gpu; gpu-compiled: compiled blocks) for the split seeds given (default 0,1; on a
+# 2-GPU machine both run side by side),
 # under a wall-clock guard, then its report. Back under $OUT: log.txt, study.tar.gz (results.json,
 # every run's job file, metrics, driver log tail and held-out sample grid), then table.md and the
 # plots. Leave the call about 40 s after the guard for the bundle and the report. The study
 # resumes: on a machine still warm from the last call, the same command continues it. Wheels in
 # .whl/.
-#   bash benchmarks/gpu_shapes_geneval.sh 0,1 570
+#   bash benchmarks/gpu_shapes_geneval.sh 0,1 570 [gpu-compiled]
 set -uo pipefail
 source benchmarks/device_env.sh
 splits=${1:-0,1}
 limit=${2:-570}
+profile=${3:-gpu}
 study=/tmp/shapes
 nvidia-smi -L | tee "$OUT/log.txt"
 env | grep -E '^RAY_' | sed 's/=.*//' | sed 's/^/environment sets /' | tee -a "$OUT/log.txt"
 start=$(date +%s)
-timeout "$limit" python3 benchmarks/shapes_geneval.py --out "$study" --profile gpu \
+timeout "$limit" python3 benchmarks/shapes_geneval.py --out "$study" --profile "$profile" \
   --split-seeds "$splits" --phases train >> "$OUT/log.txt" 2>&1
 echo "train: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
 bundle=/tmp/bundle
@@ -35,7 +37,7 @@ for run in "$study"/split-*/*/; do
 done
 tar -czf "$OUT/study.tar.gz" -C "$bundle" .
 # The report after the bundle: a call cut during it still brings every run's numbers back.
-python3 benchmarks/shapes_geneval.py --out "$study" --profile gpu --split-seeds "$splits" \
+python3 benchmarks/shapes_geneval.py --out "$study" --profile "$profile" --split-seeds "$splits" \
   --phases report >> "$OUT/log.txt" 2>&1 || echo "report failed" | tee -a "$OUT/log.txt"
 cp "$study"/table.md "$study"/*.png "$OUT"/ 2>/dev/null
 ls -la "$OUT"

@@ -82,6 +82,8 @@ class Profile:
     eval_steps: tuple[int, ...] = (40, 10)
     eval_batch: int = 512
     """Images a sampling batch: a whole prompt set at once (a tiny model is launch-bound)."""
+    compile: bool = False
+    """torch.compile the blocks of every learner and rollout worker (fewer kernel launches)."""
 
 
 PROFILES = {
@@ -112,6 +114,8 @@ PROFILES = {
     ),  # fmt: skip
 }
 # The test suite's: every phase once, as small as it gets.
+# The GPU protocol with compiled blocks: the same runs, to time against the eager one.
+PROFILES["gpu-compiled"] = replace(PROFILES["gpu"], compile=True)
 PROFILES["test"] = replace(
     PROFILES["cpu"], num_images=48, num_eval_per_tag=1, autoencoder_steps=3, autoencoder_batch=8,
     pretrain_steps=2, posttrain_steps=2, trajectory_length=1, grpo_epochs=1, grpo_eval_every=1,
@@ -230,12 +234,12 @@ def job_tree(study: Study, name: str, seed: int, stage: dict, world, every: int)
                     "gpus_per_rollout_worker": profile.gpu_share if gpu else 0,
                     "cpus_per_rollout_worker": 1 if gpu else 0.25,
                     "reward_actors": {"shapes_geneval": {"num_cpus": 1 if gpu else 0.25}},
-                    "start_timeout_s": 3600},
+                    "start_timeout_s": 3600, "compile_rollout_blocks": profile.compile},
         "rewards": {"shapes_geneval": {}},  # also sizes the evaluation session's scoring actor
         # One learner in plain torch: at this model size a DeepSpeed step is mostly its
         # per-parameter bookkeeping (RESULTS.md, the second GPU calibration).
         "deepspeed": {"enabled": False, "precision": "bf16" if gpu else "fp32",
-                      "activation_checkpointing": False},
+                      "activation_checkpointing": False, "compile_blocks": profile.compile},
         "checkpoint": {"every": every, "keep_last": 1000},
         "logging": {"tensorboard": False, "progress_bar": False, "ray_metrics": False,
                     "sample_every": 0},

@@ -203,8 +203,9 @@ def test_max_staleness_one_samples_the_next_epoch_during_training(ray_local, tmp
 
 def test_compiled_blocks_sample_and_train_a_lora_epoch_as_the_eager_ones(tmp_path):
     """`cluster.compile_rollout_blocks` and `deepspeed.compile_blocks` (inductor) on a LoRA GRPO
-    stage: the same trajectories and log-probs from the rollout worker, and the same update (its
-    KL to the base with the adapters off included) and adapters from the learner, as eager."""
+    stage, the first block under activation checkpointing: the same trajectories and log-probs
+    from the rollout worker, and the same two updates (their KL to the base with the adapters off
+    included) and adapters from the learner, as eager."""
     from soar_ray.build import build_learner
 
     results = []
@@ -213,6 +214,7 @@ def test_compiled_blocks_sample_and_train_a_lora_epoch_as_the_eager_ones(tmp_pat
                    "stages.0.lora.enabled=true", "stages.0.lora.r=4", "stages.0.beta=0.04",
                    "stages.0.num_inner_epochs=1", "stages.0.optimizer.lr=1e-2",
                    "stages.0.train_batch_size=2", "stages.0.num_updates_per_epoch=2",
+                   "deepspeed.activation_checkpointing=1",
                    f"cluster.compile_rollout_blocks={compiled}",
                    f"deepspeed.compile_blocks={compiled}")  # fmt: skip
         trajectories = _trajectories(job, 4)

@@ -1,6 +1,6 @@
 """The shapes study's pipeline (benchmarks/shapes_geneval.py, its `test` profile) on a real local
 Ray: world, autoencoder, latent cache, base, SFT / SOAR / SFT-at-SOAR-compute, GRPO from two of
-them, each run a driver process of its own (two at a time) evaluating its checkpoints,
+them, each run a driver process of its own (three at a time) evaluating its checkpoints,
 results.json and the table. The pipeline, not the outcome: a tiny model trained for two steps
 scores what it scores."""
 
@@ -20,7 +20,7 @@ def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     from shapes_report import markdown_table, merge_results
 
     profile = PROFILES["test"]
-    results = run_protocol(tmp_path, "test", profile, parallel=2)
+    results = run_protocol(tmp_path, "test", profile, parallel=3)
     assert results == json.loads((tmp_path / "results.json").read_text())
     split = results["splits"]["0"]
     assert set(split) == {"autoencoder", "seconds", "base", "methods", "grpo"}
