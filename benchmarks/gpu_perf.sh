@@ -18,10 +18,15 @@
 #   memory   the largest SOAR batch of one learner and its peak GiB (benchmarks/bench_memory.py) at
 #            512 and 1024 px, checkpointing on and off, plain torch and ZeRO-2 (one rank)
 #   bash benchmarks/gpu_perf.sh soar          # one section a call: each takes minutes
+#   VARIANTS="zero2-12-333-compiled local-12-154-compiled" bash benchmarks/gpu_perf.sh compile
+#                                             # only the variants named (soar, compile, memory)
 set -uo pipefail
 source benchmarks/device_env.sh
 gpus=$(nvidia-smi -L | tee "$OUT/gpus.txt" | wc -l)
 sections=${*:-soar compile sync grpo grpo-fast scaling memory}
+wanted() {  # variant name: whether $VARIANTS (default: all) names it
+  [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $1 "* ]]
+}
 record() {  # name, JSON file: the file's object with the variant's name, appended to perf.jsonl
   [ -f "$2" ] || { echo "$1: no result"; return 0; }
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); r['variant']=sys.argv[2]; print(json.dumps(r))" \
@@ -40,6 +45,7 @@ for section in $sections; do
                      "local-6-333 6 256 local" "local-none-333 false 256 local" \
                      "local-all-154 true 77 local" "zero2-all-333 true 256 zero2"; do
         set -- $variant
+        wanted "$1" || continue
         run "soar-$1" 200 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
           --t5-tokens "$3" --engine "$4" --out "/tmp/perf-soar-$1"
         record "soar-$1" "/tmp/perf-soar-$1/profile.json"
@@ -48,6 +54,7 @@ for section in $sections; do
       for variant in "local-all-333-compiled true 256 local" "local-12-333-compiled 12 256 local" \
                      "zero2-12-333-compiled 12 256 zero2" "local-12-154-compiled 12 77 local"; do
         set -- $variant
+        wanted "$1" || continue
         run "soar-$1" 300 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
           --t5-tokens "$3" --engine "$4" --compile --out "/tmp/perf-soar-$1"
         record "soar-$1" "/tmp/perf-soar-$1/profile.json"
@@ -80,6 +87,7 @@ for section in $sections; do
       for variant in "512-local true 1,2,4,6,8,12,16" "512-local-none false 1,2,4,6,8" \
                      "1024-local true 1,2,3,4,6" "1024-zero2 true 1,2,3,4,6"; do
         set -- $variant
+        wanted "$1" || continue
         engine=${1#*-}; engine=${engine%-none}
         run "memory-$1" 240 python3 benchmarks/bench_memory.py --preset sd35-medium \
           --resolution "${1%%-*}" --engine "$engine" --checkpointing "$2" --batch-sizes "$3" \
