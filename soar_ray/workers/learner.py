@@ -237,9 +237,9 @@ class Learner:
         gradient check, all-reduced over ranks, then refuses the whole step on every rank (every
         engine but DeepSpeed's plain ZeRO-0 fp32 optimizer, which `skip_step` jobs may not use).
         """
-        # Host sync: one bool per backward (the steps read their metrics back anyway).
-        if not torch.isfinite(loss.detach()).all():
-            loss = loss * math.nan
+        # Times 1 or NaN on the device: no host sync between the forward and the backward.
+        finite = torch.isfinite(loss.detach()).all()
+        loss = loss * torch.where(finite, 1.0, math.nan).to(loss.dtype)
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()

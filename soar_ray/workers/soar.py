@@ -89,17 +89,21 @@ class SoarStep:
         losses = soar_losses_from_inputs(
             learner.model.denoise, inputs.to(learner.device), self.schedule, self.hp
         )
-        # One all-reduce carries the global counts (SPEC §1.6) and the logged sums.
-        totals = torch.stack([
-            losses.sum_main().detach(), losses.sum_aux().detach(),
+        # One all-reduce carries the global counts (SPEC §1.6) and the logged sums. The counts
+        # stay on the device (exact small integers in the loss's dtype), so the backward and the
+        # optimizer are queued without waiting for the forward; the metrics are read after.
+        sum_main_B, sum_aux_B = losses.sum_main(), losses.sum_aux()
+        totals = learner.all_reduce(torch.stack([
+            sum_main_B.detach(), sum_aux_B.detach(),
             losses.main_B.new_tensor(float(losses.num_main)),
             losses.main_B.new_tensor(float(losses.num_aux)),
-        ]).double()  # fmt: skip
-        sum_main, sum_aux, num_main, num_aux = learner.all_reduce(totals).tolist()
+        ]).double())  # fmt: skip
+        num_main_g, num_aux_g = totals[2:].to(sum_main_B.dtype).unbind()
         lam = self.hp.lambda_aux
-        loss = normalize_soar_loss(losses.sum_main(), losses.sum_aux(), num_main, num_aux, lam,
+        loss = normalize_soar_loss(sum_main_B, sum_aux_B, num_main_g, num_aux_g, lam,
                                    learner.world_size)  # fmt: skip
         learner.backward_step(loss)
+        sum_main, sum_aux, num_main, num_aux = totals.tolist()
         return {
             "loss": (sum_main + lam * sum_aux) / max(num_main + lam * num_aux, 1.0),
             "loss_main": sum_main / max(num_main, 1.0),
