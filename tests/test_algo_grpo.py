@@ -39,6 +39,9 @@ def test_flow_sde_sample_mean_std_and_logprob():
     expected = Normal(hand_mean, std_t).log_prob(prev).mean(dim=(1, 2, 3))
     torch.testing.assert_close(log_prob, expected)
     assert log_prob.shape == (2,)
+    # A draw handed in is the one used: the sampler draws every step's noise up front.
+    given = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level=0.7, noise=2 * e)
+    torch.testing.assert_close(given[0], hand_mean + 2 * std_t * e)
 
 
 def test_given_prev_sample_is_scored_not_redrawn():

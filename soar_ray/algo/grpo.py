@@ -23,10 +23,14 @@ def sde_step_with_logprob(
     noise_level: float,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
     sde_kind: str = "flow_sde",
     sigma_max: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One SDE step and its Gaussian log-prob (SPEC §3): (x', log_prob_B, mean, std), all fp32.
+
+    Without `prev_sample` the step samples x' with `noise` (a standard normal draw shaped like x)
+    or, without it, a draw from `generator`.
 
     `std` is the flow_sde std without sqrt(-ds) (the KL's scale) or the cps std. `sigma_max`
     stands in for sigma = 1 in flow_sde; None takes sigma_next, which on a sampling grid is
@@ -44,7 +48,9 @@ def sde_step_with_logprob(
     else:
         raise ValueError(f"SDE kind must be one of {SDE_KINDS}, got {sde_kind!r}")
     if prev_sample is None:
-        prev_sample = mean + std_t * standard_normal(mean, generator)
+        if noise is None:
+            noise = standard_normal(mean, generator)
+        prev_sample = mean + std_t * noise
     elif prev_sample.shape != x.shape:
         raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != {tuple(x.shape)}")
     prev_sample = prev_sample.float()

@@ -102,24 +102,28 @@ class GrpoRollout:
         factor = model.vae_scale_factor
         generator = torch.Generator("cpu").manual_seed(request.seed)
         shape = (num, model.latent_channels, resolution // factor, resolution // factor)
-        # Noise drawn on the CPU so a seed gives the same trajectories on every device.
-        x = torch.randn(shape, generator=generator).to(worker.device)
+        # Noise drawn on the CPU so a seed gives the same trajectories on every device: the start
+        # and then each step's draw, in that order. It, and the grid, reach the device at once,
+        # and the trajectory comes back at the end: no host sync between the steps.
+        draws = [torch.randn(shape, generator=generator) for _ in range(grid.num_steps + 1)]
+        x, *noises = torch.stack(draws).to(worker.device).unbind()
+        sigmas, timesteps = grid.sigmas.to(worker.device), grid.timesteps.to(worker.device)
         cond = model.encode_prompts(request.prompts)
         uncond = worker.uncond()
         uncond_B = {k: v.expand(num, *v.shape[1:]) for k, v in uncond.items()}
-        latents, log_probs = [x.cpu()], []
+        latents, log_probs = [x], []
         for i in range(grid.num_steps):
-            timestep_B = grid.timesteps[i].to(worker.device).expand(num)
+            timestep_B = timesteps[i].expand(num)
             v = guided_velocity(model.denoise, x, timestep_B, cond, uncond_B, stage.cfg_scale)
             x, log_prob, _, _ = sde_step_with_logprob(
-                x, v, grid.sigmas[i], grid.sigmas[i + 1], noise_level=stage.noise_level,
-                generator=generator, sde_kind=stage.sde_kind,
+                x, v, sigmas[i], sigmas[i + 1], noise_level=stage.noise_level, noise=noises[i],
+                sde_kind=stage.sde_kind,
             )  # fmt: skip
-            latents.append(x.cpu())
-            log_probs.append(log_prob.cpu())
+            latents.append(x)
+            log_probs.append(log_prob)
         images = to_uint8_images(model.decode_latents(x))
         trajectories = Trajectories(
-            torch.stack(latents, 1), torch.stack(log_probs, 1),
+            torch.stack(latents, 1).cpu(), torch.stack(log_probs, 1).cpu(),
             {k: v.cpu() for k, v in cond.items()}, {k: v.cpu() for k, v in uncond.items()},
             worker.version,
         )  # fmt: skip
