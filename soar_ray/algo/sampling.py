@@ -16,9 +16,11 @@ def sample_ode(
     """Euler ODE sampling z_{s'} = z_s + v (s' - s) over `grid` (e.g. make_inference_grid(3.0, 40))."""
     x = noise_BCHW
     batch_size = x.shape[0]
+    # The grid reaches the device once: a copy per step would wait for the step before.
+    timesteps = grid.timesteps.to(x.device, x.dtype)
     for i in range(grid.num_steps):
         sigma, sigma_next = grid.sigmas[i].item(), grid.sigmas[i + 1].item()
-        timestep_B = grid.timesteps[i].to(x.device, x.dtype).expand(batch_size)
+        timestep_B = timesteps[i].expand(batch_size)
         v = guided_velocity(denoiser, x, timestep_B, cond, uncond, guidance)
         # Euler update in fp32 so a bf16 model does not accumulate rounding over 40 steps.
         x = (x.float() + v.float() * (sigma_next - sigma)).to(noise_BCHW.dtype)
