@@ -261,6 +261,27 @@ def test_selective_activation_checkpointing_recomputes_only_the_first_blocks(blo
         torch.testing.assert_close(got, want)
 
 
+def test_compiling_on_a_node_without_a_compiler_stops_in_one_line_naming_the_field(
+    monkeypatch, tmp_path
+):
+    from soar_ray.models.sd3 import compile_blocks
+
+    transformer = build_transformer("tiny")
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, clang++ or c++
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(RuntimeError) as caught:
+        compile_blocks(transformer, "cluster.compile_rollout_blocks")
+    assert str(caught.value) == (
+        "cluster.compile_rollout_blocks: torch.compile needs a C++ compiler (e.g. apt-get "
+        "install g++) on this node to build its kernels, and finds none ($CXX, g++, clang++, "
+        "c++ on PATH); install one or set cluster.compile_rollout_blocks: false"
+    )
+    assert transformer.transformer_blocks[0]._compiled_call_impl is None
+    monkeypatch.setenv("CXX", "/opt/bin/g++")  # $CXX names one: inductor takes it
+    compile_blocks(transformer, "cluster.compile_rollout_blocks")
+    assert transformer.transformer_blocks[0]._compiled_call_impl is not None
+
+
 def test_compiled_blocks_keep_their_names_and_a_deep_copy_runs_its_own_weights():
     import copy
 
@@ -268,7 +289,8 @@ def test_compiled_blocks_keep_their_names_and_a_deep_copy_runs_its_own_weights()
 
     transformer = build_transformer("tiny")
     names = list(transformer.state_dict())
-    compile_blocks(transformer)  # compiles at the first call: nothing below calls the original
+    compile_blocks(transformer, "deepspeed.compile_blocks")  # compiles at the first call: below,
+    # nothing calls the original
     assert list(transformer.state_dict()) == names
     assert transformer.transformer_blocks[0]._compiled_call_impl is not None
     # A stage's reference policy is a deep copy: it must not call the original's compiled

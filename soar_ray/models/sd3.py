@@ -5,6 +5,9 @@ sigma * 1000, velocity z1 - z0); prompts and images are encoded by separate meth
 cache can skip them. Encoders and VAE are frozen; only the transformer is ever trained.
 """
 
+import os
+import shutil
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -59,9 +62,26 @@ def _recompute_marked(block: torch.nn.Module, *args):
     return block(*args)
 
 
-def compile_blocks(transformer: SD3Transformer2DModel) -> None:
+COMPILERS = {
+    # What torch.compile builds its kernels with on first use: Triton's launcher on GPUs (a C
+    # compiler, $CC first), inductor's C++ kernels on the CPU ($CXX first).
+    "cuda": ("CC", ("cc", "gcc", "clang"), "C compiler (e.g. apt-get install gcc)"),
+    "cpu": ("CXX", ("g++", "clang++", "c++"), "C++ compiler (e.g. apt-get install g++)"),
+}
+
+
+def compile_blocks(transformer: SD3Transformer2DModel, field: str) -> None:
     """torch.compile every MMDiT block in place (`nn.Module.compile`: the state-dict names stay;
-    a deep copy, e.g. a stage's reference policy, runs eagerly with its own weights)."""
+    a deep copy, e.g. a stage's reference policy, runs eagerly with its own weights). `field`,
+    the setting that asks for it, is named in the one-line error of a node without a compiler."""
+    device = next(transformer.parameters()).device.type
+    variable, names, what = COMPILERS.get(device, COMPILERS["cuda"])
+    if not os.environ.get(variable) and not any(shutil.which(name) for name in names):
+        raise RuntimeError(
+            f"{field}: torch.compile needs a {what} on this node to build its kernels, and "
+            f"finds none (${variable}, {', '.join(names)} on PATH); install one or set "
+            f"{field}: false"
+        )
     for block in transformer.transformer_blocks:
         block.compile()
 

@@ -162,7 +162,7 @@ class Learner:
         self.params = prepare_stage_model(transformer, stage, seed=job.seed)
         set_activation_checkpointing(transformer, job.deepspeed.activation_checkpointing)
         if job.deepspeed.compile_blocks:
-            compile_blocks(transformer)
+            compile_blocks(transformer, "deepspeed.compile_blocks")
         transformer.train()
         micro_batch, accumulation = step_type.batching(job, stage)
         if self.distributed:

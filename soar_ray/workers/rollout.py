@@ -108,7 +108,7 @@ class RolloutWorker:
         when `cluster.compile_rollout_blocks` says so."""
         self.model.transformer = transformer.eval().requires_grad_(False)
         if self.job.cluster.compile_rollout_blocks:
-            compile_blocks(transformer)
+            compile_blocks(transformer, "cluster.compile_rollout_blocks")
 
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
         """Copy the learners' trainable weights (by name) in; every name must exist here."""
