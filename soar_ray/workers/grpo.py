@@ -186,8 +186,9 @@ class GrpoStep:
             # The engine steps the optimizer after exactly this many backward passes.
             raise ValueError(f"every update of a GrpoPlan must hold {num_micro} micro-batches")
         # Sums over real samples and steps (all-reduced once at the end), of the epoch and of
-        # its first update, made before any optimizer step (on-policy: log-ratio 0).
-        sums = torch.zeros(2, len(SUMS), dtype=torch.float64)
+        # its first update, made before any optimizer step (on-policy: log-ratio 0). They stay
+        # on the device: the host reads them once, after the last backward.
+        sums = torch.zeros(2, len(SUMS), dtype=torch.float64, device=learner.device)
         for u, update in enumerate(plan.updates):
             for micro in update.micro_batches:
                 terms = self._train_micro_batch(micro, update.num_samples, batches)
@@ -195,7 +196,7 @@ class GrpoStep:
                     sums[0] += terms
                     if u == 0:
                         sums[1] += terms
-        totals = learner.all_reduce(sums.to(learner.device)).cpu()
+        totals = learner.all_reduce(sums).cpu()
         epoch, first = (dict(zip(SUMS, row.tolist())) for row in totals)
         count, first_count = max(epoch["count"], 1.0), max(first["count"], 1.0)
         return {
@@ -224,37 +225,40 @@ class GrpoStep:
             learner.world_size * self.accumulation
             / (num_samples * self.num_timesteps)
         )  # fmt: skip
+        # Everything the steps read reaches the device here, once: a copy inside the loop would
+        # wait for the step before it.
         cond = {k: v.to(device) for k, v in traj.cond.items()}
         uncond = {k: v.to(device).expand(num, *v.shape[1:]) for k, v in traj.uncond.items()}
-        sums = torch.zeros(len(SUMS), dtype=torch.float64)
+        latents, old_log_probs = traj.latents.to(device), traj.log_probs.to(device)
+        sigmas, timesteps = self.grid.sigmas.to(device), self.grid.timesteps.to(device)
+        sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
         for j in range(self.num_timesteps):
-            x = traj.latents[:, j].to(device)
-            x_next = traj.latents[:, j + 1].to(device)
-            sigma, sigma_next = self.grid.sigmas[j], self.grid.sigmas[j + 1]
-            timestep_B = self.grid.timesteps[j].to(device).expand(num)
+            x, x_next = latents[:, j], latents[:, j + 1]
+            sigma, sigma_next = sigmas[j], sigmas[j + 1]
+            timestep_B = timesteps[j].expand(num)
             v = guided_velocity(learner.model.denoise, x, timestep_B, cond, uncond, stage.cfg_scale)
             _, log_prob, mean, std = sde_step_with_logprob(
                 x, v, sigma, sigma_next, noise_level=stage.noise_level, prev_sample=x_next,
                 sde_kind=stage.sde_kind,
             )  # fmt: skip
-            mean_ref = self._reference_mean(x, x_next, timestep_B, cond, uncond, j)
+            mean_ref = self._reference_mean(x, x_next, timestep_B, cond, uncond, sigma, sigma_next)
             terms = grpo_policy_loss(
-                log_prob, traj.log_probs[:, j].to(device), advantages, clip_range=stage.clip_range,
+                log_prob, old_log_probs[:, j], advantages, clip_range=stage.clip_range,
                 mean_theta=mean if mean_ref is not None else None, mean_ref=mean_ref,
                 std=std if mean_ref is not None else None, beta=stage.beta,
             )  # fmt: skip
             loss_B = terms.policy_B + stage.beta * terms.kl_B
             learner.backward_step(loss_B.sum() * weight)
-            # Host sync once per backward: the detached sums for logging.
             sums += torch.stack([
                 terms.policy_B.detach().sum(), terms.kl_B.detach().sum(), terms.approx_kl_B.sum(),
                 terms.clipped_B.sum(), (2 * terms.approx_kl_B).sqrt().sum(),
-                loss_B.new_tensor(float(num)),
-            ]).double().cpu()  # fmt: skip
+                loss_B.new_full((), float(num)),
+            ]).double()  # fmt: skip
         return sums
 
     @torch.no_grad()
-    def _reference_mean(self, x, x_next, timestep_B, cond, uncond, j: int) -> torch.Tensor | None:
+    def _reference_mean(self, x, x_next, timestep_B, cond, uncond, sigma,
+                        sigma_next) -> torch.Tensor | None:  # fmt: skip
         """The reference policy's step mean (no gradient): LoRA disabled, or the frozen copy."""
         learner, stage = self.learner, self.stage
         if stage.beta == 0:
@@ -267,8 +271,8 @@ class GrpoStep:
                 v_ref = guided_velocity(learner.model.denoise, x, timestep_B, cond, uncond,
                                         stage.cfg_scale)  # fmt: skip
         _, _, mean_ref, _ = sde_step_with_logprob(
-            x, v_ref, self.grid.sigmas[j], self.grid.sigmas[j + 1], noise_level=stage.noise_level,
-            prev_sample=x_next, sde_kind=stage.sde_kind,
+            x, v_ref, sigma, sigma_next, noise_level=stage.noise_level, prev_sample=x_next,
+            sde_kind=stage.sde_kind,
         )  # fmt: skip
         return mean_ref
 

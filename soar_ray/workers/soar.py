@@ -95,8 +95,8 @@ class SoarStep:
         sum_main_B, sum_aux_B = losses.sum_main(), losses.sum_aux()
         totals = learner.all_reduce(torch.stack([
             sum_main_B.detach(), sum_aux_B.detach(),
-            losses.main_B.new_tensor(float(losses.num_main)),
-            losses.main_B.new_tensor(float(losses.num_aux)),
+            losses.main_B.new_full((), float(losses.num_main)),  # a fill: no host copy
+            losses.main_B.new_full((), float(losses.num_aux)),
         ]).double())  # fmt: skip
         num_main_g, num_aux_g = totals[2:].to(sum_main_B.dtype).unbind()
         lam = self.hp.lambda_aux
