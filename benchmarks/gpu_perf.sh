@@ -106,12 +106,16 @@ soar = [r for r in rows if r["variant"].startswith("soar-")]
 if soar:
     print(f"SOAR step, {soar[0]['device']}, {soar[0]['date']}: {soar[0]['preset']}, "
           f"{soar[0]['resolution']} px, batch {soar[0]['batch']}, {soar[0]['aux_points']} aux points\n")
-    print("| variant | engine | checkpointing | compiled | text tokens | step ms | images/s | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | engine | checkpointing | compiled | text tokens | step ms | images/s | peak GiB "
+          "| host syncs a step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in soar:
+        syncs = r.get("host_syncs")
+        where = "not counted" if syncs is None else f"{sum(syncs.values())}" + "".join(
+            f"; {k} x{v}" for k, v in syncs.items())
         print(f"| {r['variant']} | {r['engine']} | {r['checkpointing']} | {r.get('compile', False)} | "
-              f"{r['text_tokens']} | "
-              f"{r['step_ms']:.0f} | {r['images_per_s']:.2f} | {r['peak_gib']:.1f} |")
+              f"{r['text_tokens']} | {r['step_ms']:.0f} | {r['images_per_s']:.2f} | "
+              f"{r['peak_gib']:.1f} | {where} |")
 memory = [r for r in rows if r["variant"].startswith("memory-")]
 if memory:
     print(f"\nLargest SOAR batch of one learner, {memory[0]['device']}, {memory[0]['date']}: "

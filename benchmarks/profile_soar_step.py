@@ -125,6 +125,33 @@ def phase_table(prof) -> dict[str, float]:
     return totals
 
 
+def host_syncs(step) -> dict[str, int] | None:
+    """Where one call of `step` makes the host wait for the GPU (torch's sync debug mode warns at
+    each synchronizing call): the count per source line of soar_ray, None without a GPU."""
+    if DEVICE != "cuda":
+        return None
+    import traceback
+    import warnings
+
+    counts: dict[str, int] = {}
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack() if "/soar_ray/" in f.filename]
+        where = f"{frames[-1].filename.split('/soar_ray/')[-1]}:{frames[-1].lineno}" if frames \
+            else f"{filename}:{lineno}"  # fmt: skip
+        counts[where] = counts.get(where, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return counts
+
+
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     """What `make_job` reads, besides the batch size: the step's shape and engine settings."""
     parser.add_argument("--preset", default="tiny")
@@ -166,6 +193,7 @@ def main() -> None:
     build_s = time.perf_counter() - start
     for _ in range(args.warmup):
         learner.train(batch)
+    syncs = host_syncs(lambda: learner.train(batch))
     seconds = []
     for _ in range(args.steps):
         sync()
@@ -198,6 +226,7 @@ def main() -> None:
         "profiled_step_ms": profiled_ms, "phase_ms": phases,
         "outside_phases_ms": profiled_ms - sum(phases.values()),
         "loss": metrics["loss"],
+        "host_syncs": syncs,
     }  # fmt: skip
     print(json.dumps(result, indent=1))
     sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
