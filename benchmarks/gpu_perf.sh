@@ -7,7 +7,8 @@
 #            4 images, 6 aux points, plain-torch engine: activation checkpointing on every block,
 #            on the first 12 or 6 of 24, off; at 333 and 154 text tokens; DeepSpeed ZeRO-2
 #   compile  the same step with torch.compile'd blocks (deepspeed.compile_blocks), checkpointing on
-#            every block and on the first 12; the first 12 also at 154 tokens and under ZeRO-2
+#            every block and on the first 12; the first 12 also at 154 tokens and under ZeRO-2 and
+#            ZeRO-1 (DeepSpeed's bf16 optimizer)
 #   sync     a full SD3.5-Medium weight push, object store vs NCCL (benchmarks/bench_weight_sync.py),
 #            and a LoRA r32 push (2-GPU machines only: a learner and a rollout worker)
 #   grpo     one Flow-GRPO epoch at its reference shape (benchmarks/bench_grpo_epoch.py): activation
@@ -52,7 +53,8 @@ for section in $sections; do
       done ;;
     compile)
       for variant in "local-all-333-compiled true 256 local" "local-12-333-compiled 12 256 local" \
-                     "zero2-12-333-compiled 12 256 zero2" "local-12-154-compiled 12 77 local"; do
+                     "zero2-12-333-compiled 12 256 zero2" "zero1-12-333-compiled 12 256 zero1" \
+                     "local-12-154-compiled 12 77 local"; do
         set -- $variant
         wanted "$1" || continue
         run "soar-$1" 300 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
