@@ -38,6 +38,13 @@ run() {  # name, seconds, command...: run it under a guard, its log kept under $
   mkdir -p "$OUT/logs"
   timeout "$limit" "$@" > "$OUT/logs/$name.log" 2>&1 || { echo "$name failed: exit $?"; tail -15 "$OUT/logs/$name.log"; }
 }
+measure() {  # name, seconds, JSON file, command...: run, then record the file it writes (a file
+  # left by an earlier call on a still-warm machine is removed first, never recorded)
+  local name=$1 limit=$2 result=$3; shift 3
+  rm -f "$result"
+  run "$name" "$limit" "$@"
+  record "$name" "$result"
+}
 soar_common="--preset sd35-medium --resolution 512 --batch-size 4 --aux-points 6 --warmup 2 --steps 4 --profile-steps 1"
 for section in $sections; do
   case $section in
@@ -47,9 +54,8 @@ for section in $sections; do
                      "local-all-154 true 77 local" "zero2-all-333 true 256 zero2"; do
         set -- $variant
         wanted "$1" || continue
-        run "soar-$1" 200 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
-          --t5-tokens "$3" --engine "$4" --out "/tmp/perf-soar-$1"
-        record "soar-$1" "/tmp/perf-soar-$1/profile.json"
+        measure "soar-$1" 200 "/tmp/perf-soar-$1/profile.json" python3 benchmarks/profile_soar_step.py \
+          $soar_common --checkpointing "$2" --t5-tokens "$3" --engine "$4" --out "/tmp/perf-soar-$1"
       done ;;
     compile)
       for variant in "local-all-333-compiled true 256 local" "local-12-333-compiled 12 256 local" \
@@ -57,17 +63,16 @@ for section in $sections; do
                      "local-12-154-compiled 12 77 local"; do
         set -- $variant
         wanted "$1" || continue
-        run "soar-$1" 300 python3 benchmarks/profile_soar_step.py $soar_common --checkpointing "$2" \
-          --t5-tokens "$3" --engine "$4" --compile --out "/tmp/perf-soar-$1"
-        record "soar-$1" "/tmp/perf-soar-$1/profile.json"
+        measure "soar-$1" 300 "/tmp/perf-soar-$1/profile.json" python3 benchmarks/profile_soar_step.py \
+          $soar_common --checkpointing "$2" --t5-tokens "$3" --engine "$4" --compile \
+          --out "/tmp/perf-soar-$1"
       done ;;
     sync)
       [ "$gpus" -ge 2 ] || { echo "sync: needs 2 GPUs (a learner and a rollout worker), this machine has $gpus"; continue; }
-      run sync-full 240 python3 benchmarks/bench_weight_sync.py --preset sd35-medium --out /tmp/perf-sync
-      record sync-full /tmp/perf-sync/weight_sync.json
-      run sync-lora 180 python3 benchmarks/bench_weight_sync.py --preset sd35-medium --lora-rank 32 \
-        --out /tmp/perf-sync-lora
-      record sync-lora /tmp/perf-sync-lora/weight_sync.json ;;
+      measure sync-full 240 /tmp/perf-sync/weight_sync.json python3 benchmarks/bench_weight_sync.py \
+        --preset sd35-medium --out /tmp/perf-sync
+      measure sync-lora 180 /tmp/perf-sync-lora/weight_sync.json python3 \
+        benchmarks/bench_weight_sync.py --preset sd35-medium --lora-rank 32 --out /tmp/perf-sync-lora ;;
     grpo|grpo-fast)
       flags=(); [ "$section" = grpo-fast ] && flags=(--checkpointing false --compile)
       run "$section" 480 python3 benchmarks/bench_grpo_epoch.py --preset sd35-medium --resolution 512 \
@@ -79,11 +84,10 @@ for section in $sections; do
       counts=${section#scaling}; counts=${counts#-}
       [ "$gpus" -ge "${counts:-2}" ] || { echo "$section: needs ${counts:-2} GPUs, this machine has $gpus"; continue; }
       for learners in ${counts:-1 2}; do
-        run "scaling-$learners" 290 python3 benchmarks/bench_soar_stage.py --preset sd35-medium \
-          --resolution 512 --batch-size 4 --num-learners "$learners" --cpus-per-learner 8 \
-          --checkpointing 12 --compile \
+        measure "scaling-$learners" 290 "/tmp/perf-scaling-$learners/result.json" python3 \
+          benchmarks/bench_soar_stage.py --preset sd35-medium --resolution 512 --batch-size 4 \
+          --num-learners "$learners" --cpus-per-learner 8 --checkpointing 12 --compile \
           --steps 6 --warmup 2 --out "/tmp/perf-scaling-$learners"
-        grep -v "^\s*$" "$OUT/logs/scaling-$learners.log" | tail -4
       done ;;
     memory)
       for variant in "512-local true 1,2,4,6,8,12,16" "512-local-none false 1,2,4,6,8" \
@@ -91,10 +95,9 @@ for section in $sections; do
         set -- $variant
         wanted "$1" || continue
         engine=${1#*-}; engine=${engine%-none}
-        run "memory-$1" 240 python3 benchmarks/bench_memory.py --preset sd35-medium \
-          --resolution "${1%%-*}" --engine "$engine" --checkpointing "$2" --batch-sizes "$3" \
-          --out "/tmp/perf-memory-$1"
-        record "memory-$1" "/tmp/perf-memory-$1/memory.json"
+        measure "memory-$1" 240 "/tmp/perf-memory-$1/memory.json" python3 benchmarks/bench_memory.py \
+          --preset sd35-medium --resolution "${1%%-*}" --engine "$engine" --checkpointing "$2" \
+          --batch-sizes "$3" --out "/tmp/perf-memory-$1"
       done ;;
     *) echo "unknown section $section (soar, compile, sync, grpo, grpo-fast, scaling[-1|-2], memory)"; exit 2 ;;
   esac
