@@ -113,9 +113,9 @@ PROFILES = {
         eval_batch=8,
     ),  # fmt: skip
 }
-# The test suite's: every phase once, as small as it gets.
 # The GPU protocol with compiled blocks: the same runs, to time against the eager one.
 PROFILES["gpu-compiled"] = replace(PROFILES["gpu"], compile=True)
+# The test suite's: every phase once, as small as it gets.
 PROFILES["test"] = replace(
     PROFILES["cpu"], num_images=48, num_eval_per_tag=1, autoencoder_steps=3, autoencoder_batch=8,
     pretrain_steps=2, posttrain_steps=2, trajectory_length=1, grpo_epochs=1, grpo_eval_every=1,
