@@ -47,6 +47,10 @@ class Schedule:
         if float(self.sigmas[-1]) != 0.0:
             raise ValueError(f"Schedule.sigmas must end with 0, got {float(self.sigmas[-1])}")
 
+    def to(self, device: torch.device | str) -> "Schedule":
+        """The same grid with its tensors on `device` (moved once, not at every step)."""
+        return Schedule(self.sigmas.to(device), self.timesteps.to(device), self.shift)
+
     @property
     def num_steps(self) -> int:
         """N, the number of grid points that carry a timestep."""

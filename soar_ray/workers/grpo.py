@@ -90,7 +90,9 @@ class GrpoRollout:
 
     def __init__(self, worker: RolloutWorker, stage: GrpoStage) -> None:
         self.worker, self.stage = worker, stage
-        self.grid = make_inference_grid(SD3_SCHEDULE_SHIFT, stage.num_sampling_steps)
+        # On the worker's device: the steps read it without a copy (and the wait a copy makes).
+        grid = make_inference_grid(SD3_SCHEDULE_SHIFT, stage.num_sampling_steps)
+        self.grid = grid.to(worker.device)
 
     @torch.no_grad()
     def rollout(self, request: SampleRequest) -> tuple[Trajectories, np.ndarray, RolloutInfo]:
@@ -103,21 +105,20 @@ class GrpoRollout:
         generator = torch.Generator("cpu").manual_seed(request.seed)
         shape = (num, model.latent_channels, resolution // factor, resolution // factor)
         # Noise drawn on the CPU so a seed gives the same trajectories on every device: the start
-        # and then each step's draw, in that order. It, and the grid, reach the device at once,
-        # and the trajectory comes back at the end: no host sync between the steps.
+        # and then each step's draw, in that order. It reaches the device at once, and the
+        # trajectory comes back at the end: no host sync between the steps.
         draws = [torch.randn(shape, generator=generator) for _ in range(grid.num_steps + 1)]
         x, *noises = torch.stack(draws).to(worker.device).unbind()
-        sigmas, timesteps = grid.sigmas.to(worker.device), grid.timesteps.to(worker.device)
         cond = model.encode_prompts(request.prompts)
         uncond = worker.uncond()
         uncond_B = {k: v.expand(num, *v.shape[1:]) for k, v in uncond.items()}
         latents, log_probs = [x], []
         for i in range(grid.num_steps):
-            timestep_B = timesteps[i].expand(num)
+            timestep_B = grid.timesteps[i].expand(num)
             v = guided_velocity(model.denoise, x, timestep_B, cond, uncond_B, stage.cfg_scale)
             x, log_prob, _, _ = sde_step_with_logprob(
-                x, v, sigmas[i], sigmas[i + 1], noise_level=stage.noise_level, noise=noises[i],
-                sde_kind=stage.sde_kind,
+                x, v, grid.sigmas[i], grid.sigmas[i + 1], noise_level=stage.noise_level,
+                noise=noises[i], sde_kind=stage.sde_kind,
             )  # fmt: skip
             latents.append(x)
             log_probs.append(log_prob)
@@ -162,7 +163,9 @@ class GrpoStep:
 
     def __init__(self, learner: Learner, stage: GrpoStage) -> None:
         self.learner, self.stage = learner, stage
-        self.grid = make_inference_grid(SD3_SCHEDULE_SHIFT, stage.num_sampling_steps)
+        # On the learner's device: the steps read it without a copy (and the wait a copy makes).
+        grid = make_inference_grid(SD3_SCHEDULE_SHIFT, stage.num_sampling_steps)
+        self.grid = grid.to(learner.device)
         self.num_timesteps = num_train_timesteps(stage)
         self.accumulation = self.batching(learner.job, stage)[1]
 
@@ -225,12 +228,12 @@ class GrpoStep:
             learner.world_size * self.accumulation
             / (num_samples * self.num_timesteps)
         )  # fmt: skip
-        # Everything the steps read reaches the device here, once: a copy inside the loop would
-        # wait for the step before it.
+        # What the steps read reaches the device here, once: a copy inside the loop would wait
+        # for the step before it.
         cond = {k: v.to(device) for k, v in traj.cond.items()}
         uncond = {k: v.to(device).expand(num, *v.shape[1:]) for k, v in traj.uncond.items()}
         latents, old_log_probs = traj.latents.to(device), traj.log_probs.to(device)
-        sigmas, timesteps = self.grid.sigmas.to(device), self.grid.timesteps.to(device)
+        sigmas, timesteps = self.grid.sigmas, self.grid.timesteps
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
         for j in range(self.num_timesteps):
             x, x_next = latents[:, j], latents[:, j + 1]
