@@ -169,15 +169,19 @@ class ClusterConfig(Section):
     """Learner -> rollout weights: `object_store`, `collective` (NCCL/gloo broadcast), or `auto`."""
 
     @property
+    def rollout_gpus_own(self) -> bool:
+        """Every rollout worker holds whole GPUs that no learner shares (NCCL takes one rank per
+        GPU)."""
+        return self.gpus_per_rollout_worker >= 1 and not self.colocate_rollout_with_learners
+
+    @property
     def weight_sync_backend(self) -> Literal["object_store", "collective"]:
-        """`weight_sync` resolved: `auto` is collective when learners and rollout workers hold
-        GPUs, each rollout worker whole ones of its own (NCCL takes one rank per GPU)."""
+        """`weight_sync` resolved: `auto` is collective when learners hold GPUs and every
+        rollout worker whole ones of its own."""
         if self.weight_sync != "auto":
             return self.weight_sync
-        own_gpus = self.gpus_per_learner > 0 and self.gpus_per_rollout_worker >= 1
-        return "collective" if own_gpus and not self.colocate_rollout_with_learners else (
-            "object_store"
-        )  # fmt: skip
+        own_gpus = self.gpus_per_learner > 0 and self.rollout_gpus_own
+        return "collective" if own_gpus else "object_store"
 
 
 class DeepSpeedConfig(Section):
@@ -424,8 +428,8 @@ class JobConfig(Section):
                     "cluster.gpus_per_rollout_worker: colocated workers share a learner's GPU, "
                     "so gpus_per_learner + gpus_per_rollout_worker must be <= 1"
                 )
-        shares_gpus = cluster.colocate_rollout_with_learners or cluster.gpus_per_rollout_worker < 1
-        if cluster.weight_sync == "collective" and cluster.gpus_per_learner > 0 and shares_gpus:
+        gpus = cluster.gpus_per_learner > 0
+        if cluster.weight_sync == "collective" and gpus and not cluster.rollout_gpus_own:
             raise ValueError(
                 "cluster.weight_sync: 'collective' on GPUs needs whole GPUs of its own for every "
                 "rollout worker (NCCL takes one rank per GPU): set cluster.gpus_per_rollout_worker "
