@@ -22,7 +22,7 @@ from soar_ray.algo.soar import (
 )
 
 SCHEDULE = make_schedule(1000, shift=3.0)
-GRID = {"sigmas": SCHEDULE.sigmas, "timesteps": SCHEDULE.timesteps}
+GRID = {"schedule": SCHEDULE}
 SHAPE = (4, 2, 3, 3)
 
 

@@ -158,8 +158,7 @@ def build_aux_points(
     *,
     num_paths: int,
     points_per_path: int,
-    sigmas: torch.Tensor,
-    timesteps: torch.Tensor,
+    schedule: Schedule,
     num_sampling_steps: int,
     rollout_kind: str = "flow_sde",
     noise_scale: float = 0.5,
@@ -169,7 +168,8 @@ def build_aux_points(
     """Auxiliary points of SPEC §1.5, in the reference's order and random-draw order.
 
     Order: the ODE path's P points (all samples), then per stochastic path its rollout noise and
-    its P points (samples with t1 > 0). `sigmas` [N+1] and `timesteps` [N] are the training grid.
+    its P points (samples with t1 > 0), on the training grid `schedule` (on z_t0's device: then no
+    lookup copies it there).
     """
     if num_paths < 1 or points_per_path < 0 or num_sampling_steps < 1:
         raise ValueError(
@@ -183,18 +183,18 @@ def build_aux_points(
         )
     if points_per_path == 0:
         return []
-    grid = Schedule(sigmas, timesteps)
-    s0, _ = t_to_sigma_timestep(t0, grid)
+    s0, _ = t_to_sigma_timestep(t0, schedule)
     t1 = (t0 - 1.0 / num_sampling_steps).clamp_min(0.0)
-    s1, _ = t_to_sigma_timestep(t1, grid)
+    s1, _ = t_to_sigma_timestep(t1, schedule)
     if sigma_upper_ratio is None:
         s_up = torch.ones_like(s0)
     else:
         s_up = (sigma_upper_ratio * s0).clamp_max(1.0)
-    step = {"noise_scale": noise_scale, "sigma_max": grid.sigma_max}
+    # sigmas[1] as a tensor: no read-back (Schedule.sigma_max is its float).
+    step = {"noise_scale": noise_scale, "sigma_max": schedule.sigmas[1]}
     z1p = rollout_step(z_t0, v_cfg, s0, s1, kind="ode", **step)
     everyone = torch.arange(z_t0.shape[0], device=z_t0.device)
-    points = _renoised_points(everyone, z1p, z1, s1, s_up, grid, points_per_path, generator)
+    points = _renoised_points(everyone, z1p, z1, s1, s_up, schedule, points_per_path, generator)
     if num_paths == 1:
         return points
     # Host sync: the stochastic subset's size decides the shapes below.
@@ -207,7 +207,7 @@ def build_aux_points(
             kind=rollout_kind, generator=generator, **step,
         )  # fmt: skip
         points += _renoised_points(
-            active, z1p_path, z1[active], s1[active], s_up[active], grid, points_per_path,
+            active, z1p_path, z1[active], s1[active], s_up[active], schedule, points_per_path,
             generator,
         )  # fmt: skip
     return points
@@ -366,8 +366,8 @@ def prepare_soar_inputs(
         v_cfg = guided_velocity(denoiser, z_t0, ts0, cond, uncond, hp.cfg_scale_sampling)
         points = build_aux_points(
             z_t0, t0, v_cfg, z1, num_paths=hp.num_rollout_paths,
-            points_per_path=hp.trajectory_length, sigmas=schedule.sigmas,
-            timesteps=schedule.timesteps, num_sampling_steps=hp.num_sampling_steps,
+            points_per_path=hp.trajectory_length, schedule=schedule,
+            num_sampling_steps=hp.num_sampling_steps,
             rollout_kind=hp.rollout_kind, noise_scale=hp.noise_scale,
             sigma_upper_ratio=hp.sigma_upper_ratio, generator=generator,
         )  # fmt: skip

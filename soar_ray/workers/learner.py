@@ -132,7 +132,8 @@ class Learner:
         self.zero_stage = job.deepspeed.zero_stage if distributed else 0
         self.all_reduce = all_reduce or (lambda tensor: tensor)
         self.device = next(model.transformer.parameters()).device
-        self._uncond = uncond
+        # The latent cache's encoding of "" goes to the device once, not at every step.
+        self._uncond = None if uncond is None else {k: v.to(self.device) for k, v in uncond.items()}
         self.stage_index: int | None = None
         self.engine = self.ema = self.step = self.reference = None
         self.params: list[torch.nn.Parameter] = []

@@ -76,7 +76,8 @@ class RolloutWorker:
         model.transformer.eval().requires_grad_(False)
         self.version = 0
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self._uncond = uncond
+        # The latent cache's encoding of "" goes to the device once, not at every step.
+        self._uncond = None if uncond is None else {k: v.to(self.device) for k, v in uncond.items()}
         self.step: SoarRollout | GrpoRollout | None = None
         self.trainable: list[str] = []
         """Names of the parameters the learners train in this stage: what a push sends."""

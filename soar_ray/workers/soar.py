@@ -65,7 +65,7 @@ class SoarStep:
 
     def __init__(self, learner: Learner, stage: SoarStage) -> None:
         self.learner, self.hp = learner, soar_hyperparams(stage)
-        self.schedule = make_schedule(shift=SD3_SCHEDULE_SHIFT)
+        self.schedule = make_schedule(shift=SD3_SCHEDULE_SHIFT).to(learner.device)
 
     @staticmethod
     def batching(job: JobConfig, stage: SoarStage) -> tuple[int, int]:
@@ -118,7 +118,7 @@ class SoarRollout:
 
     def __init__(self, worker: RolloutWorker, stage: SoarStage) -> None:
         self.worker, self.hp = worker, soar_hyperparams(stage)
-        self.schedule = make_schedule(shift=SD3_SCHEDULE_SHIFT)
+        self.schedule = make_schedule(shift=SD3_SCHEDULE_SHIFT).to(worker.device)
 
     def rollout(self, batch: dict[str, Any]) -> tuple[SoarInputs, RolloutInfo]:
         """Encode one rank's batch, then draws, CFG rollout and aux points; with the version of
