@@ -17,7 +17,7 @@
 #   scaling  the SOAR stage on 1 and 2 learners, 4 images per GPU, ZeRO-2, compiled blocks,
 #            checkpointing on the first 12 (2-GPU machines only; scaling-1 / scaling-2: one of them)
 #   memory   the largest SOAR batch of one learner and its peak GiB (benchmarks/bench_memory.py) at
-#            512 and 1024 px, checkpointing on and off, plain torch and ZeRO-2 (one rank)
+#            512 and 1024 px, checkpointing on and off, plain torch, ZeRO-2 and ZeRO-3 (one rank)
 #   bash benchmarks/gpu_perf.sh soar          # one section a call: each takes minutes
 #   VARIANTS="zero2-12-333-compiled local-12-154-compiled" bash benchmarks/gpu_perf.sh compile
 #                                             # only the variants named (soar, compile, memory)
@@ -91,10 +91,12 @@ for section in $sections; do
       done ;;
     memory)
       for variant in "512-local true 1,2,4,6,8,12,16" "512-local-none false 1,2,4,6,8" \
-                     "1024-local true 1,2,3,4,6" "1024-zero2 true 1,2,3,4,6"; do
+                     "1024-local true 1,2,3,4,6" "1024-zero2 true 1,2,3,4,6" \
+                     "512-zero2 true 4,8,16,24" "512-zero3 true 4,8,16,24" \
+                     "1024-zero2-large true 6,8,12" "1024-zero3 true 6,8,12"; do
         set -- $variant
         wanted "$1" || continue
-        engine=${1#*-}; engine=${engine%-none}
+        engine=${1#*-}; engine=${engine%-none}; engine=${engine%-large}
         measure "memory-$1" 240 "/tmp/perf-memory-$1/memory.json" python3 benchmarks/bench_memory.py \
           --preset sd35-medium --resolution "${1%%-*}" --engine "$engine" --checkpointing "$2" \
           --batch-sizes "$3" --out "/tmp/perf-memory-$1"
