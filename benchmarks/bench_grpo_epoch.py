@@ -1,9 +1,12 @@
-"""Flow-GRPO epochs through the real stage on an embedded local Ray: one learner and one rollout
-worker sharing a GPU (or the CPU), the jpeg_compressibility reward on CPU actors, random weights.
+"""Flow-GRPO epochs through the real stage on an embedded local Ray: learner and rollout worker
+pairs (`--pairs`, each sharing a GPU of its own, or the CPU), the jpeg_compressibility reward on
+CPU actors, random weights. Every pair gets `--groups` groups an epoch, so the per-GPU work is the
+same at any number of pairs (the scaling measurement).
 
 Runs `jobs/grpo.yaml` with benchmark overrides, then prints every epoch's throughput fields from
-metrics.jsonl and the median over the epochs after the warm-up ones. Used by
-`benchmarks/gpu_grpo_epoch.sh` (SD3.5-Medium shape on one H200); on a laptop CPU:
+metrics.jsonl and the median over the epochs after the warm-up ones, and writes the medians with
+the shape and the per-GPU epoch rate to OUT/result.json. Used by `benchmarks/gpu_perf.sh`
+(SD3.5-Medium shape on H200s); on a laptop CPU:
 
     python benchmarks/bench_grpo_epoch.py --preset tiny --resolution 64 --precision fp32 \
         --gpus 0 --group-size 4 --groups 2 --batch-size 2 --epochs 2 --warmup 1 --cpus 1
@@ -12,6 +15,7 @@ metrics.jsonl and the median over the epochs after the warm-up ones. Used by
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shutil
 import statistics
@@ -47,11 +51,13 @@ def main() -> None:
     parser.add_argument(
         "--cpus", type=float, default=4, help="CPUs of the learner and of the worker"
     )
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="learner + rollout worker pairs (data-parallel learners)")  # fmt: skip
     parser.add_argument("--reward-actors", type=int, default=2)
     parser.add_argument("--reward-cpus", type=float, default=2)
     parser.add_argument("--steps", type=int, default=10, help="SDE steps T")
     parser.add_argument("--group-size", type=int, default=24)
-    parser.add_argument("--groups", type=int, default=2, help="groups (prompts) per epoch")
+    parser.add_argument("--groups", type=int, default=2, help="groups (prompts) per epoch and pair")
     parser.add_argument("--batch-size", type=int, default=9, help="sample and train batch")
     parser.add_argument("--updates", type=int, default=2, help="optimizer updates per epoch")
     parser.add_argument("--epochs", type=int, default=3)
@@ -78,13 +84,13 @@ def main() -> None:
         "stages.0.rewards={jpeg_compressibility: 1.0}", "stages.0.eval_every=0",
         f"stages.0.num_epochs={args.epochs}", f"stages.0.num_sampling_steps={args.steps}",
         "stages.0.timestep_fraction=0.99", f"stages.0.group_size={args.group_size}",
-        f"stages.0.num_groups_per_epoch={args.groups}",
+        f"stages.0.num_groups_per_epoch={args.groups * args.pairs}",
         f"stages.0.sample_batch_size={args.batch_size}",
         f"stages.0.train_batch_size={args.batch_size}",
         f"stages.0.num_updates_per_epoch={args.updates}", "stages.0.checkpoint_every=1000",
         f"stages.0.max_staleness={args.max_staleness}",
-        "cluster.num_learners=1", f"cluster.gpus_per_learner={half}",
-        "cluster.num_rollout_workers=1", f"cluster.gpus_per_rollout_worker={half}",
+        f"cluster.num_learners={args.pairs}", f"cluster.gpus_per_learner={half}",
+        f"cluster.num_rollout_workers={args.pairs}", f"cluster.gpus_per_rollout_worker={half}",
         f"cluster.colocate_rollout_with_learners={'true' if half else 'false'}",
         f"cluster.cpus_per_learner={args.cpus}", f"cluster.cpus_per_rollout_worker={args.cpus}",
         f"cluster.reward_actors={{jpeg_compressibility: {{num_actors: {args.reward_actors}, "
@@ -101,7 +107,8 @@ def main() -> None:
     job = load_job("jobs/grpo.yaml", overrides)
     stage = job.stages[0]
     print("overrides:", " ".join(overrides))
-    print(f"shape: {args.preset} {args.resolution} px, T={stage.num_sampling_steps} "
+    print(f"shape: {args.pairs} learner + rollout worker pair(s), {args.preset} "
+          f"{args.resolution} px, T={stage.num_sampling_steps} "
           f"(trains {int(stage.num_sampling_steps * stage.timestep_fraction)}), "
           f"G={stage.group_size} x {stage.num_groups_per_epoch} groups, "
           f"sample/train batch {stage.sample_batch_size}/{stage.train_batch_size}, "
@@ -115,6 +122,7 @@ def main() -> None:
         shutil.rmtree(out)
 
     import ray
+    from bench_soar_stage import device_name
 
     from soar_ray.stages.pipeline import run_pipeline
 
@@ -134,6 +142,16 @@ def main() -> None:
                if all(k in r for r in measured)}  # fmt: skip
     print(f"median over epochs {[r.get('step') for r in measured]}:",
           {k: round(v, 4) for k, v in medians.items()})  # fmt: skip
+    gpus = args.gpus * args.pairs
+    result = {
+        "date": str(datetime.date.today()), "device": device_name(), "preset": args.preset,
+        "resolution": args.resolution, "text_tokens": 77 + 77, "pairs": args.pairs, "gpus": gpus,
+        "group_size": args.group_size, "groups_per_pair": args.groups,
+        "batch": args.batch_size, "checkpointing": args.checkpointing, "compile": args.compile,
+        "epochs_measured": [r.get("step") for r in measured], **medians,
+        "epoch_images_per_s_per_gpu": medians["epoch_images_per_s"] / gpus if gpus else None,
+    }  # fmt: skip
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,11 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
+def device_name() -> str:
+    """This process's first GPU by name, or the CPU's model and cores where it sees none."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")

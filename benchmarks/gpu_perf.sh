@@ -14,17 +14,21 @@
 #   grpo     one Flow-GRPO epoch at its reference shape (benchmarks/bench_grpo_epoch.py): activation
 #            checkpointing on, eager blocks
 #   grpo-fast  the same with checkpointing off and the learner's and rollout worker's blocks compiled
+#   grpo-scaling-1 / grpo-scaling-2  grpo-fast on 1 and on 2 learner + rollout worker pairs, one
+#            pair a GPU, 2 groups of 24 a pair an epoch (grpo-scaling-1 is grpo-fast)
 #   scaling  the SOAR stage on 1 and 2 learners, 4 images per GPU, ZeRO-2, compiled blocks,
 #            checkpointing on the first 12 (2-GPU machines only; scaling-1 / scaling-2: one of them)
 #   memory   the largest SOAR batch of one learner and its peak GiB (benchmarks/bench_memory.py) at
 #            512 and 1024 px, checkpointing on and off, plain torch, ZeRO-2 and ZeRO-3 (one rank)
+#   grpo-memory  the largest Flow-GRPO micro-batch of one learner (benchmarks/bench_grpo_memory.py:
+#            LoRA r32, ZeRO-2, 154 text tokens) at 512 px with checkpointing off and on, 1024 px off
 #   bash benchmarks/gpu_perf.sh soar          # one section a call: each takes minutes
 #   VARIANTS="zero2-12-333-compiled local-12-154-compiled" bash benchmarks/gpu_perf.sh compile
 #                                             # only the variants named (soar, compile, memory)
 set -uo pipefail
 source benchmarks/device_env.sh
 gpus=$(nvidia-smi -L | tee "$OUT/gpus.txt" | wc -l)
-sections=${*:-soar compile sync grpo grpo-fast scaling memory}
+sections=${*:-soar compile sync grpo grpo-fast grpo-scaling-2 scaling memory grpo-memory}
 wanted() {  # variant name: whether $VARIANTS (default: all) names it
   [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $1 "* ]]
 }
@@ -73,13 +77,15 @@ for section in $sections; do
         --preset sd35-medium --out /tmp/perf-sync
       measure sync-lora 180 /tmp/perf-sync-lora/weight_sync.json python3 \
         benchmarks/bench_weight_sync.py --preset sd35-medium --lora-rank 32 --out /tmp/perf-sync-lora ;;
-    grpo|grpo-fast)
-      flags=(); [ "$section" = grpo-fast ] && flags=(--checkpointing false --compile)
-      run "$section" 480 python3 benchmarks/bench_grpo_epoch.py --preset sd35-medium --resolution 512 \
-        --precision bf16 --gpus 1 --cpus 4 --reward-actors 2 --reward-cpus 2 --steps 10 \
-        --group-size 24 --groups 2 --batch-size 9 --updates 2 --epochs 3 --warmup 1 "${flags[@]}" \
-        --out "/tmp/perf-$section"
-      grep -v "^\s*$" "$OUT/logs/$section.log" | tail -12 ;;
+    grpo|grpo-fast|grpo-scaling-1|grpo-scaling-2)
+      flags=(); [ "$section" = grpo ] || flags=(--checkpointing false --compile)
+      pairs=${section#grpo-scaling-}; [[ $pairs =~ ^[12]$ ]] || pairs=1
+      [ "$gpus" -ge "$pairs" ] || { echo "$section: needs $pairs GPUs, this machine has $gpus"; continue; }
+      measure "$section" 480 "/tmp/perf-$section/result.json" python3 benchmarks/bench_grpo_epoch.py \
+        --preset sd35-medium --resolution 512 --precision bf16 --gpus 1 --pairs "$pairs" --cpus 4 \
+        --reward-actors $((2 * pairs)) --reward-cpus 2 --steps 10 --group-size 24 --groups 2 \
+        --batch-size 9 --updates 2 --epochs 3 --warmup 1 "${flags[@]}" --out "/tmp/perf-$section"
+      grep -v "^\s*$" "$OUT/logs/$section.log" | tail -6 ;;
     scaling|scaling-1|scaling-2)
       counts=${section#scaling}; counts=${counts#-}
       [ "$gpus" -ge "${counts:-2}" ] || { echo "$section: needs ${counts:-2} GPUs, this machine has $gpus"; continue; }
@@ -101,7 +107,16 @@ for section in $sections; do
           --preset sd35-medium --resolution "${1%%-*}" --engine "$engine" --checkpointing "$2" \
           --batch-sizes "$3" --out "/tmp/perf-memory-$1"
       done ;;
-    *) echo "unknown section $section (soar, compile, sync, grpo, grpo-fast, scaling[-1|-2], memory)"; exit 2 ;;
+    grpo-memory)
+      for variant in "512-none false 9,18,27,36,54" "512-all true 18,36,54,72" \
+                     "1024-none false 3,6,9,18"; do
+        set -- $variant
+        wanted "grpo-memory-$1" || continue
+        measure "grpo-memory-$1" 240 "/tmp/perf-grpo-memory-$1/memory.json" python3 \
+          benchmarks/bench_grpo_memory.py --preset sd35-medium --resolution "${1%%-*}" \
+          --engine zero2 --checkpointing "$2" --batch-sizes "$3" --out "/tmp/perf-grpo-memory-$1"
+      done ;;
+    *) echo "unknown section $section (soar, compile, sync, grpo, grpo-fast, grpo-scaling-1|-2, scaling[-1|-2], memory, grpo-memory)"; exit 2 ;;
   esac
 done
 python3 - "$OUT/perf.jsonl" > "$OUT/perf.md" <<'PY'
@@ -123,20 +138,39 @@ if soar:
         print(f"| {r['variant']} | {r['engine']} | {r['checkpointing']} | {r.get('compile', False)} | "
               f"{r['text_tokens']} | {r['step_ms']:.0f} | {r['images_per_s']:.2f} | "
               f"{r['peak_gib']:.1f} | {where} |")
-memory = [r for r in rows if r["variant"].startswith("memory-")]
-if memory:
-    print(f"\nLargest SOAR batch of one learner, {memory[0]['device']}, {memory[0]['date']}: "
-          f"{memory[0]['preset']}, {memory[0]['text_tokens']} text tokens, "
-          f"{memory[0]['aux_points']} aux points\n")
+def largest_batches(found, heading):
+    """The largest-batch table of bench_memory.py / bench_grpo_memory.py results."""
+    if not found:
+        return
+    print(f"\n{heading}, {found[0]['device']}, {found[0]['date']}: {found[0]['preset']}, "
+          f"{found[0]['text_tokens']} text tokens\n")
     print("| variant | px | engine | checkpointing | largest batch | its peak GiB | images/s |")
     print("|---|---|---|---|---|---|---|")
-    for r in memory:
+    for r in found:
         fit = [row for row in r["rows"] if not row.get("out_of_memory")]
         last = fit[-1] if fit else {"peak_gib": float("nan"), "images_per_s": float("nan")}
         print(f"| {r['variant']} | {r['resolution']} | {r['engine']} | {r['checkpointing']} | "
               f"{r['largest_batch']} | {last['peak_gib']:.1f} | {last['images_per_s']:.2f} |")
+largest_batches([r for r in rows if r["variant"].startswith("memory-")],
+                "Largest SOAR batch of one learner (6 aux points)")
+grpo_memory = [r for r in rows if r["variant"].startswith("grpo-memory-")]
+largest_batches(grpo_memory, "Largest Flow-GRPO micro-batch of one learner (LoRA r32, 9 trained steps)")
+grpo = [r for r in rows if r["variant"].startswith("grpo") and r not in grpo_memory]
+if grpo:
+    print(f"\nFlow-GRPO epoch, {grpo[0]['device']}, {grpo[0]['date']}: {grpo[0]['preset']}, "
+          f"{grpo[0]['resolution']} px, {grpo[0]['text_tokens']} text tokens, group "
+          f"{grpo[0]['group_size']}, batch {grpo[0]['batch']}, a learner and a rollout worker a GPU; "
+          f"medians of epochs {grpo[0]['epochs_measured']}\n")
+    print("| variant | GPUs | checkpointing | compiled | sampling images/s | training images/s "
+          "| epoch images/s | per GPU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in grpo:
+        print(f"| {r['variant']} | {r['gpus']:g} | {r['checkpointing']} | {r['compile']} | "
+              f"{r['sampling_images_per_s']:.2f} | {r['training_images_per_s']:.2f} | "
+              f"{r['epoch_images_per_s']:.2f} | {r['epoch_images_per_s_per_gpu']:.2f} | "
+              f"{r.get('gpu_peak_memory_gib', float('nan')):.1f} |")
 for r in rows:
-    if not r["variant"].startswith(("soar-", "memory-")):
+    if not r["variant"].startswith(("soar-", "memory-", "grpo")):
         print(f"\n{r['variant']}: {json.dumps(r)}")
 PY
 cat "$OUT/perf.md"

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_soar_stage import random_encoders  # noqa: E402
+from bench_soar_stage import device_name, random_encoders  # noqa: E402
 
 from soar_ray.build import (
     build_dataset,
@@ -88,6 +88,17 @@ def one_rank_group() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")  # fmt: skip
     deepspeed.init_distributed(dist_backend="nccl" if DEVICE == "cuda" else "gloo")
+
+
+def one_learner(job, engine: str):
+    """The job's learner on this process's device, its first stage set up: plain torch for
+    `local`, else DeepSpeed in a one-rank group."""
+    if engine != "local":
+        one_rank_group()
+    model = build_sd3(job, DEVICE, components=learner_components(job))
+    learner = build_learner(job, model, distributed=engine != "local")
+    learner.setup_stage(0)
+    return learner
 
 
 def named(fn, name: str):
@@ -183,12 +194,8 @@ def main() -> None:
     dataset = build_dataset(job)
     batch = next(iter_batches(dataset, [build_sampler(job, dataset, 0, 1)], first_step=0,
                               num_steps=1))[0]  # fmt: skip
-    if args.engine != "local":
-        one_rank_group()
     start = time.perf_counter()
-    model = build_sd3(job, DEVICE, components=learner_components(job))
-    learner = build_learner(job, model, distributed=args.engine != "local")
-    learner.setup_stage(0)
+    learner = one_learner(job, args.engine)
     name_phases(learner)
     build_s = time.perf_counter() - start
     for _ in range(args.warmup):
@@ -213,9 +220,8 @@ def main() -> None:
     step_ms = statistics.median(seconds) * 1e3
     phases = {k: v / args.profile_steps for k, v in phase_table(prof).items()}
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
-    device = torch.cuda.get_device_name(0) if DEVICE == "cuda" else f"CPU ({os.cpu_count()} cores)"
     result = {
-        "date": str(datetime.date.today()), "device": device, "torch": torch.__version__,
+        "date": str(datetime.date.today()), "device": device_name(), "torch": torch.__version__,
         "preset": args.preset, "resolution": args.resolution, "batch": args.batch_size,
         "text_tokens": 77 + args.t5_tokens, "aux_points": args.aux_points, "engine": args.engine,
         "precision": args.precision, "checkpointing": args.checkpointing, "compile": args.compile,
