@@ -124,20 +124,26 @@ import json, sys
 from pathlib import Path
 path = Path(sys.argv[1])
 rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+def trace_ends(r):
+    """The first and the last step's loss and gradient norm (engines agree from step 1 on)."""
+    if "trace" not in r:
+        return "not recorded"
+    first, last = r["trace"][0], r["trace"][-1]
+    return f"{first['loss']:.5f}, {first['grad_norm']:.4g}; {last['loss']:.5f}, {last['grad_norm']:.4g}"
 soar = [r for r in rows if r["variant"].startswith("soar-")]
 if soar:
     print(f"SOAR step, {soar[0]['device']}, {soar[0]['date']}: {soar[0]['preset']}, "
           f"{soar[0]['resolution']} px, batch {soar[0]['batch']}, {soar[0]['aux_points']} aux points\n")
     print("| variant | engine | checkpointing | compiled | text tokens | step ms | images/s | peak GiB "
-          "| host syncs a step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| loss, grad norm: 1st step; last | host syncs a step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in soar:
         syncs = r.get("host_syncs")
         where = "not counted" if syncs is None else f"{sum(syncs.values())}" + "".join(
             f"; {k} x{v}" for k, v in syncs.items())
         print(f"| {r['variant']} | {r['engine']} | {r['checkpointing']} | {r.get('compile', False)} | "
               f"{r['text_tokens']} | {r['step_ms']:.0f} | {r['images_per_s']:.2f} | "
-              f"{r['peak_gib']:.1f} | {where} |")
+              f"{r['peak_gib']:.1f} | {trace_ends(r)} | {where} |")
 def largest_batches(found, heading):
     """The largest-batch table of bench_memory.py / bench_grpo_memory.py results."""
     if not found:

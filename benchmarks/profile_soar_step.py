@@ -198,14 +198,22 @@ def main() -> None:
     learner = one_learner(job, args.engine)
     name_phases(learner)
     build_s = time.perf_counter() - start
+    # Every step's loss and gradient norm, in order: engines and compiled blocks are compared
+    # from the first step (same weights, same draws) on, not only at the last.
+    trace: list[dict] = []
+
+    def train() -> None:
+        metrics = learner.train(batch)
+        trace.append({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})
+
     for _ in range(args.warmup):
-        learner.train(batch)
-    syncs = host_syncs(lambda: learner.train(batch))
+        train()
+    syncs = host_syncs(train)
     seconds = []
     for _ in range(args.steps):
         sync()
         start = time.perf_counter()
-        metrics = learner.train(batch)
+        train()
         sync()
         seconds.append(time.perf_counter() - start)
     from torch.profiler import ProfilerActivity, profile
@@ -231,7 +239,7 @@ def main() -> None:
         # GPU: the backward's kernels, the EMA, and time the device ran none).
         "profiled_step_ms": profiled_ms, "phase_ms": phases,
         "outside_phases_ms": profiled_ms - sum(phases.values()),
-        "loss": metrics["loss"],
+        "loss": trace[-1]["loss"], "trace": trace,
         "host_syncs": syncs,
     }  # fmt: skip
     print(json.dumps(result, indent=1))
