@@ -78,32 +78,75 @@ def plan_bundles(
 
 
 def check_fits(cluster: ClusterConfig, bundles: list[Bundle]) -> None:
-    """Raise ConfigError when the bundles cannot be placed on the running cluster."""
-    total = ray.cluster_resources()
+    """Raise ConfigError when the bundles can never be placed on the running cluster."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problem = placement_problem(cluster.placement_strategy, bundles, nodes)
+    if problem:
+        raise ConfigError(problem)
+
+
+def placement_problem(strategy: str, bundles: list[Bundle], nodes: list[Bundle]) -> str | None:
+    """Why `bundles` can never be placed under `strategy` on nodes of these total resources (one
+    line naming the fields to change), or None. Exact for the STRICT strategies; for PACK and
+    SPREAD, Ray may still wait when every bundle fits some node but not all fit together."""
     fields = {
         "GPU": "cluster.num_learners x cluster.gpus_per_learner + rollout and reward GPUs",
         "CPU": "cluster.num_learners x cluster.cpus_per_learner + rollout and reward CPUs",
     }
-    for key in ("GPU", "CPU"):
-        need = sum(b.get(key, 0.0) for b in bundles)
-        have = total.get(key, 0.0)
+    whole = {key: sum(b.get(key, 0.0) for b in bundles) for key in ("GPU", "CPU")}
+    for key, need in whole.items():
+        have = sum(node.get(key, 0.0) for node in nodes)
         if need > have + 1e-9:
-            raise ConfigError(
-                f"{fields[key]}: the job needs {need:g} {key} but the Ray cluster has {have:g}; "
-                "lower the counts or add nodes"
-            )
-    if cluster.placement_strategy in ("STRICT_PACK",):
-        return  # one node must hold everything: the totals check above is the node check
+            return (f"{fields[key]}: the job needs {need:g} {key} but the Ray cluster has "
+                    f"{have:g}; lower the counts or add nodes")  # fmt: skip
+    if strategy == "STRICT_PACK":
+        if any(_fits(whole, node) for node in nodes):
+            return None
+        return (f"cluster.placement_strategy: STRICT_PACK puts the whole job {_short(whole)} on "
+                f"one node, and the largest nodes have {_short(_largest(nodes))}; use PACK, or "
+                "a node that large")  # fmt: skip
+    if strategy == "STRICT_SPREAD":
+        placed = _distinct_nodes(bundles, nodes)
+        if placed == len(bundles):
+            return None
+        return (f"cluster.placement_strategy: STRICT_SPREAD puts each of the job's {len(bundles)} "
+                f"bundles (learners, rollout workers, reward actors) on a node of its own, and "
+                f"the {len(nodes)} nodes can take at most {placed} of them; use SPREAD, or add "
+                "nodes")  # fmt: skip
     for bundle in bundles:
-        if not any(all(node.get(k, 0.0) >= v for k, v in bundle.items()) for node in nodes):
-            raise ConfigError(
-                f"cluster.gpus_per_learner / cpus_per_learner: no node can hold the bundle "
-                f"{bundle}; the largest nodes have {_largest(nodes)}"
-            )
+        if not any(_fits(bundle, node) for node in nodes):
+            return (f"cluster.gpus_per_learner / cpus_per_learner: no node can hold the bundle "
+                    f"{_short(bundle)}; the largest nodes have {_short(_largest(nodes))}")  # fmt: skip
+    return None
 
 
-def _largest(nodes: list[dict[str, float]]) -> Bundle:
+def _fits(bundle: Bundle, node: Bundle) -> bool:
+    return all(node.get(key, 0.0) >= value - 1e-9 for key, value in bundle.items())
+
+
+def _distinct_nodes(bundles: list[Bundle], nodes: list[Bundle]) -> int:
+    """The most bundles placed on distinct nodes that hold them (bipartite matching by
+    augmenting paths)."""
+    owner: dict[int, int] = {}  # node -> bundle on it
+
+    def place(bundle: int, seen: set[int]) -> bool:
+        for node in range(len(nodes)):
+            if node in seen or not _fits(bundles[bundle], nodes[node]):
+                continue
+            seen.add(node)
+            if node not in owner or place(owner[node], seen):
+                owner[node] = bundle
+                return True
+        return False
+
+    return sum(place(bundle, set()) for bundle in range(len(bundles)))
+
+
+def _short(bundle: Bundle) -> Bundle:
+    return {key: value for key, value in bundle.items() if value}
+
+
+def _largest(nodes: list[Bundle]) -> Bundle:
     return {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("GPU", "CPU")}
 
 
