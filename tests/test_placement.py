@@ -24,7 +24,8 @@ def test_pack_and_spread_need_each_bundle_on_some_node():
     problem = placement_problem("SPREAD", [{"CPU": 20.0}], [{"CPU": 8.0}, CPU_NODE])
     assert problem is not None and "no node can hold the bundle {'CPU': 20.0}" in problem
     assert "the largest nodes have {'CPU': 16.0}" in problem
-    assert placement_problem("PACK", [{"CPU": 8.0}, {"CPU": 16.0}], [{"CPU": 8.0}, CPU_NODE]) is None
+    two_nodes = [{"CPU": 8.0}, CPU_NODE]
+    assert placement_problem("PACK", [{"CPU": 8.0}, {"CPU": 16.0}], two_nodes) is None
 
 
 def test_strict_pack_needs_one_node_for_the_whole_job():
