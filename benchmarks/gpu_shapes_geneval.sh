@@ -7,7 +7,9 @@
 # plots. Leave the call about 40 s after the guard for the bundle and the report. The study
 # resumes: on a machine still warm from the last call, the same command continues it. Wheels in
 # .whl/.
+# PARALLEL=N runs N at a time (default: the profile's 4 per GPU).
 #   bash benchmarks/gpu_shapes_geneval.sh 0,1 570 [gpu-compiled]
+#   PARALLEL=8 bash benchmarks/gpu_shapes_geneval.sh 0,1 570 gpu-compiled   # both splits, one GPU
 set -uo pipefail
 source benchmarks/device_env.sh
 splits=${1:-0,1}
@@ -18,7 +20,7 @@ nvidia-smi -L | tee "$OUT/log.txt"
 env | grep -E '^RAY_' | sed 's/=.*//' | sed 's/^/environment sets /' | tee -a "$OUT/log.txt"
 start=$(date +%s)
 timeout "$limit" python3 benchmarks/shapes_geneval.py --out "$study" --profile "$profile" \
-  --split-seeds "$splits" --phases train >> "$OUT/log.txt" 2>&1
+  --split-seeds "$splits" ${PARALLEL:+--parallel "$PARALLEL"} --phases train >> "$OUT/log.txt" 2>&1
 echo "train: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
 bundle=/tmp/bundle
 mkdir -p "$bundle"
