@@ -4,7 +4,7 @@
 # 2-GPU machine both run side by side),
 # under a wall-clock guard, then its report. Back under $OUT: log.txt, study.tar.gz (results.json,
 # every run's job file, metrics, driver log tail and held-out sample grid), then table.md and the
-# plots. Leave the call about 40 s after the guard for the bundle and the report. The study
+# plots (report.tar.gz). Leave the call about 40 s after the guard for the bundle and the report. The study
 # resumes: on a machine still warm from the last call, the same command continues it. Wheels in
 # .whl/.
 # PARALLEL=N runs N at a time (default: the profile's 4 per GPU).
@@ -41,7 +41,9 @@ tar -czf "$OUT/study.tar.gz" -C "$bundle" .
 # The report after the bundle: a call cut during it still brings every run's numbers back.
 python3 benchmarks/shapes_geneval.py --out "$study" --profile "$profile" --split-seeds "$splits" \
   --phases report >> "$OUT/log.txt" 2>&1 || echo "report failed" | tee -a "$OUT/log.txt"
-cp "$study"/table.md "$study"/*.png "$OUT"/ 2>/dev/null
+# The device call brings back 8 files at most: the plots travel in one archive.
+(cd "$study" && tar -czf "$OUT/report.tar.gz" table.md ./*.png) 2>/dev/null
+cp "$study"/table.md "$OUT"/ 2>/dev/null
 ls -la "$OUT"
 grep -E "^shapes:|Error|error" "$OUT/log.txt" | tail -60
 cat "$study/table.md" 2>/dev/null
