@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # The shapes study (benchmarks/shapes_geneval.py) on the lent GPU machine (no network): a GPU
-# profile (default gpu; gpu-compiled: compiled blocks) for the split seeds given (default 0,1; on a
-# 2-GPU machine both run side by side),
-# under a wall-clock guard, then its report. Back under $OUT: log.txt, study.tar.gz (results.json,
-# every run's job file, metrics, driver log tail and held-out sample grid), then table.md and the
-# plots (report.tar.gz). Leave the call about 40 s after the guard for the bundle and the report. The study
-# resumes: on a machine still warm from the last call, the same command continues it. Wheels in
-# .whl/.
-# PARALLEL=N runs N at a time (default: the profile's 4 per GPU).
+# profile (default gpu; gpu-compiled: compiled blocks) for the split seeds given (default 0,1; all
+# runs share the machine's GPUs, 4 at a time per GPU, or PARALLEL=N at a time), under a
+# wall-clock guard, then its report. Back under $OUT: log.txt, study.tar.gz (results.json, every
+# run's job file, metrics, driver log tail and held-out sample grid), table.md and report.tar.gz
+# (the table and the plots). Leave the call about 40 s after the guard for the bundle and the
+# report. The study resumes: on a machine still warm from the last call, the same command
+# continues it. Wheels in .whl/.
 #   bash benchmarks/gpu_shapes_geneval.sh 0,1 570 [gpu-compiled]
 #   PARALLEL=8 bash benchmarks/gpu_shapes_geneval.sh 0,1 570 gpu-compiled   # both splits, one GPU
 set -uo pipefail
