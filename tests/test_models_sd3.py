@@ -306,3 +306,25 @@ def test_compiled_blocks_keep_their_names_and_a_deep_copy_runs_its_own_weights()
             p.add_(0.1)
         after = sd3_denoise(twin, x, torch.tensor([500.0]), cond)
     assert not torch.allclose(before, after)
+
+
+def test_compiled_blocks_may_keep_a_variant_for_every_kind_and_mode_and_fail_loudly_past():
+    """Dynamo's per-code-object variant limit (8) is below what SD3.5-Medium's blocks need (dual
+    attention, plain and last blocks x grad mode x ... x static/dynamic shapes): compile_blocks
+    raises it to cover every kind, and past it dynamo stops instead of running eagerly."""
+    import torch._dynamo
+
+    from soar_ray.models.sd3 import VARIANTS_PER_BLOCK_KIND, compile_blocks
+
+    config = torch._dynamo.config
+    # The tiny preset with a third layer has SD3.5-Medium's three kinds: MMDiT-X (dual
+    # attention), plain, and the last (context_pre_only).
+    transformer = SD3Transformer2DModel(**{**get_preset("tiny").transformer, "num_layers": 3})
+    kinds = {(b.use_dual_attention, b.context_pre_only) for b in transformer.transformer_blocks}
+    assert kinds == {(True, False), (False, False), (False, True)}
+    with config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False):
+        compile_blocks(transformer, "deepspeed.compile_blocks")
+        assert config.recompile_limit == 3 * VARIANTS_PER_BLOCK_KIND
+        assert config.fail_on_recompile_limit_hit
+        compile_blocks(build_transformer("tiny"), "deepspeed.compile_blocks")  # two kinds
+        assert config.recompile_limit == 3 * VARIANTS_PER_BLOCK_KIND  # never lowered

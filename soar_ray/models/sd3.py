@@ -70,6 +70,11 @@ COMPILERS = {
 }
 
 
+VARIANTS_PER_BLOCK_KIND = 32
+"""Compiled variants allowed per MMDiT block kind: 2 grad modes x 2 train/eval x 2 adapter states x
+2 shape modes, twice over for what else a guard may split on."""
+
+
 def compile_blocks(transformer: SD3Transformer2DModel, field: str) -> None:
     """torch.compile every MMDiT block in place (`nn.Module.compile`: the state-dict names stay;
     a deep copy, e.g. a stage's reference policy, runs eagerly with its own weights). `field`,
@@ -82,6 +87,19 @@ def compile_blocks(transformer: SD3Transformer2DModel, field: str) -> None:
             f"finds none (${variable}, {', '.join(names)} on PATH); install one or set "
             f"{field}: false"
         )
+    # Dynamo keeps at most `recompile_limit` compiled variants of a code object, and every block
+    # of a kind shares one (JointTransformerBlock.forward): a variant per block kind (dual
+    # attention, plain, last) x grad mode x train/eval x LoRA adapters on/off x static/dynamic
+    # shapes (a second latent bucket makes the sizes dynamic). Past the limit dynamo would run the
+    # block eagerly, with a log line alone; here the limit covers those variants, and one past it
+    # stops with dynamo's error rather than leaving a run slow without a word.
+    kinds = {(block.use_dual_attention, block.context_pre_only)
+             for block in transformer.transformer_blocks}  # fmt: skip
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, VARIANTS_PER_BLOCK_KIND * len(kinds))
+    config.fail_on_recompile_limit_hit = True
     for block in transformer.transformer_blocks:
         block.compile()
 
