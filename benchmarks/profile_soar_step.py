@@ -127,12 +127,14 @@ def name_phases(learner) -> None:
 def phase_table(prof) -> dict[str, float]:
     """Milliseconds (over all profiled steps) of each named phase: the device time of the kernels
     launched inside its range (CPU time without a GPU). The backward runs on autograd's own
-    thread, outside any range of this thread: its kernels are in no phase."""
+    thread, outside any range of this thread: its kernels are in no phase. A range also shows up
+    as a GPU-side annotation whose time is its span on the GPU timeline (work queued before it,
+    idle gaps): that entry (no CPU time) is left out."""
     totals = {}
     for event in prof.key_averages():
-        if event.key in PHASES:
+        if event.key in PHASES and event.cpu_time_total > 0:
             value = event.device_time_total if DEVICE == "cuda" else event.cpu_time_total
-            totals[event.key] = max(totals.get(event.key, 0.0), value / 1e3)
+            totals[event.key] = totals.get(event.key, 0.0) + value / 1e3
     return totals
 
 
