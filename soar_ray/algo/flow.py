@@ -286,6 +286,11 @@ def rollout_step(
     return out.to(x.dtype)
 
 
+def cond_to(cond: Cond, device: torch.device | str) -> Cond:
+    """Every conditioning tensor on `device` (no copy for those already there)."""
+    return {name: value.to(device) for name, value in cond.items()}
+
+
 def index_cond(cond: Cond, index: torch.Tensor) -> Cond:
     """The rows `index` of every conditioning tensor."""
     return {name: value[index] for name, value in cond.items()}

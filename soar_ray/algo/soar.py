@@ -18,6 +18,7 @@ from soar_ray.algo.flow import (
     Schedule,
     cat_cond,
     cond_batch_size,
+    cond_to,
     guided_velocity,
     index_cond,
     loss_weight,
@@ -328,7 +329,7 @@ class SoarInputs:
             for p in self.points
         ]  # fmt: skip
         return SoarInputs(
-            self.z0.to(device), {k: v.to(device) for k, v in self.cond.items()},
+            self.z0.to(device), cond_to(self.cond, device),
             self.z1.to(device), self.t0.to(device), self.drop_cond, points,
         )  # fmt: skip
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from soar_ray.algo.flow import Cond, cat_cond, guided_velocity, make_inference_grid
+from soar_ray.algo.flow import Cond, cat_cond, cond_to, guided_velocity, make_inference_grid
 from soar_ray.algo.grpo import grpo_policy_loss, sde_step_with_logprob
 from soar_ray.config import GrpoStage, JobConfig
 from soar_ray.metrics import to_uint8_images
@@ -230,7 +230,7 @@ class GrpoStep:
         )  # fmt: skip
         # What the steps read reaches the device here, once: a copy inside the loop would wait
         # for the step before it.
-        cond = {k: v.to(device) for k, v in traj.cond.items()}
+        cond = cond_to(traj.cond, device)
         uncond = {k: v.to(device).expand(num, *v.shape[1:]) for k, v in traj.uncond.items()}
         latents, old_log_probs = traj.latents.to(device), traj.log_probs.to(device)
         sigmas, timesteps = self.grid.sigmas, self.grid.timesteps

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from soar_ray.algo.flow import cond_to
 from soar_ray.config import EmaConfig, JobConfig, StageBase
 from soar_ray.errors import WeightGroupBroken
 from soar_ray.models import SD3Model, add_lora, has_lora, merge_lora, save_transformer
@@ -133,7 +134,7 @@ class Learner:
         self.all_reduce = all_reduce or (lambda tensor: tensor)
         self.device = next(model.transformer.parameters()).device
         # The latent cache's encoding of "" goes to the device once, not at every step.
-        self._uncond = None if uncond is None else {k: v.to(self.device) for k, v in uncond.items()}
+        self._uncond = None if uncond is None else cond_to(uncond, self.device)
         self.stage_index: int | None = None
         self.engine = self.ema = self.step = self.reference = None
         self.params: list[torch.nn.Parameter] = []
@@ -222,7 +223,7 @@ class Learner:
         """Encoding of "" (from the latent cache when training from one)."""
         if self._uncond is None:
             self._uncond = self.model.uncond(1)
-        return {key: value.to(self.device) for key, value in self._uncond.items()}
+        return cond_to(self._uncond, self.device)
 
     def memory_metrics(self) -> dict[str, float]:
         if self.device.type != "cuda":

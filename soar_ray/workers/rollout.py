@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from soar_ray.algo.flow import Cond, make_inference_grid
+from soar_ray.algo.flow import Cond, cond_to, make_inference_grid
 from soar_ray.algo.sampling import sample_ode
 from soar_ray.config import JobConfig
 from soar_ray.metrics import to_uint8_images
@@ -77,7 +77,7 @@ class RolloutWorker:
         self.version = 0
         self.generator = torch.Generator(self.device).manual_seed(seed)
         # The latent cache's encoding of "" goes to the device once, not at every step.
-        self._uncond = None if uncond is None else {k: v.to(self.device) for k, v in uncond.items()}
+        self._uncond = None if uncond is None else cond_to(uncond, self.device)
         self.step: SoarRollout | GrpoRollout | None = None
         self.trainable: list[str] = []
         """Names of the parameters the learners train in this stage: what a push sends."""
@@ -86,7 +86,7 @@ class RolloutWorker:
     def uncond(self) -> Cond:
         """Encoding of "" on this worker's device (from the latent cache when training from one)."""
         uncond = self._uncond if self._uncond is not None else self.model.uncond(1)
-        return {key: value.to(self.device) for key, value in uncond.items()}
+        return cond_to(uncond, self.device)
 
     def set_stage(self, stage_index: int, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Start a stage: take the finished stage's full weights (when given), then match the

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from soar_ray.algo.flow import Cond, Schedule, make_schedule
+from soar_ray.algo.flow import Cond, Schedule, cond_to, make_schedule
 from soar_ray.algo.soar import (
     SoarHyperParams,
     SoarInputs,
@@ -47,7 +47,7 @@ def encode_batch(
         z0 = model.encode_images(batch["pixels"])
         cond = model.encode_prompts(batch["caption"])
     # fp32 latents: the flow math (z_t0, targets, aux points) runs in fp32 (SPEC §2).
-    return z0.to(device, torch.float32), {k: v.to(device) for k, v in cond.items()}
+    return z0.to(device, torch.float32), cond_to(cond, device)
 
 
 def prepare_batch(
