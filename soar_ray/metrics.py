@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -69,23 +70,27 @@ class MetricsLogger:
         if ray_metrics and ray.is_initialized():
             self._ray = RayMetricsSink(job_name or self.run_dir.name)
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Record `metrics` for `step`; non-finite losses are kept as they are (null in JSON)."""
-        record = {"step": step, "time": time.time(), **metrics}
+    def log(self, step: int, metrics: dict[str, Any], walltime: float | None = None) -> None:
+        """Record `metrics` for `step` (at `walltime`, default now); non-finite losses are kept as
+        they are (null in JSON). TensorBoard files a stage's scalars under `<stage>/<key>`, so
+        each stage has curves of its own over its own steps."""
+        record = {"step": step, "time": time.time() if walltime is None else walltime, **metrics}
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(_jsonable(record)) + "\n")
         if self._tb is not None:
+            stage = metrics.get("stage")
+            prefix = f"{stage}/" if isinstance(stage, str) else ""
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, step)
+                    self._tb.add_scalar(prefix + key, value, step, walltime=record["time"])
         if self._ray is not None:
             self._ray.record(step, metrics)
 
-    def log_image(self, tag: str, path: str | Path, step: int) -> None:
-        """Add a saved PNG to TensorBoard's image tab."""
+    def log_image(self, name: str, path: str | Path, step: int) -> None:
+        """Add a saved PNG grid (`name` as in its file name) to TensorBoard's image tab."""
         if self._tb is not None:
             array = np.asarray(Image.open(path).convert("RGB"))
-            self._tb.add_image(tag, array, step, dataformats="HWC")
+            self._tb.add_image(grid_tag(name), array, step, dataformats="HWC")
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -103,6 +108,41 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SAMPLE_GRID = re.compile(r"(?P<name>(?P<stage>.+)-(?:step|epoch|eval))-(?P<step>\d{6})\.png")
+"""A sample grid's file name under samples/: `<stage>-step|epoch|eval-<step>.png`."""
+
+
+def grid_file(name: str, step: int) -> str:
+    """The file name of grid `name` (`<stage>-step|epoch|eval`) at `step`, under samples/."""
+    return f"{name}-{step:06d}.png"
+
+
+def grid_tag(name: str) -> str:
+    """TensorBoard's image tag of a grid: evaluation grids under `eval`, the rest `samples`."""
+    return "eval" if "eval" in name else "samples"
+
+
+def rebuild_tensorboard(run_dir: Path, keep: Callable[[str, int], bool]) -> int:
+    """TensorBoard's event files written again from metrics.jsonl and the grids under samples/
+    that `keep(stage, step)` accepts: a resumed run then shows each step once. (A killed run may
+    have flushed events past the point it resumes from, and may not have flushed some before
+    it.) Returns the rows written."""
+    folder = run_dir / "tensorboard"
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    grids = sorted((int(m["step"]), m["name"], file) for file in (run_dir / "samples").glob("*.png")
+                   if (m := SAMPLE_GRID.fullmatch(file.name)) and keep(m["stage"], int(m["step"])))  # fmt: skip
+    with MetricsLogger(run_dir, jsonl=False, tensorboard=True) as logger:
+        for row in rows:
+            metrics = {k: v for k, v in row.items() if k not in ("step", "time") and v is not None}
+            logger.log(row["step"], metrics, walltime=row.get("time"))
+        for step, name, file in grids:
+            logger.log_image(name, file, step)
+    return len(rows)
 
 
 def drop_jsonl_rows(path: Path, keep: Callable[[dict[str, Any]], bool]) -> int:

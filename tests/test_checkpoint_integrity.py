@@ -10,6 +10,7 @@ import shutil
 import pytest
 import ray
 import torch
+from helpers import tensorboard_events
 from safetensors.torch import load_file
 
 from soar_ray.checkpoint import (
@@ -127,20 +128,28 @@ def test_changed_settings_or_a_damaged_path_stop_before_any_actor(straight, tmp_
 def test_resume_past_lost_checkpoints_rewinds_metrics_and_continues_exactly(straight, tmp_path,
                                                                            capsys):  # fmt: skip
     # A run killed after step 3 whose two newest checkpoints are lost: one deleted, one cut short.
-    run_pipeline(_job(tmp_path, "stages.0.num_steps=3"), tmp_path)
+    run_pipeline(_job(tmp_path, "stages.0.num_steps=3", "logging.tensorboard=true"), tmp_path)
     checkpoints = tmp_path / "checkpoints"
     shutil.rmtree(checkpoints / checkpoint_name(0, 3))
     _cut_short(checkpoints / checkpoint_name(0, 2) / "learners" / "rank-00001.pt")
     capsys.readouterr()
     # More steps and a longer keep_last are safe changes: the run resumes from step 1.
-    run_pipeline(_job(tmp_path, "stages.0.num_steps=4", "checkpoint.keep_last=4"), tmp_path)
+    run_pipeline(_job(tmp_path, "stages.0.num_steps=4", "checkpoint.keep_last=4",
+                      "logging.tensorboard=true"), tmp_path)  # fmt: skip
     out = capsys.readouterr().out
     skipped = checkpoints / checkpoint_name(0, 2)
     assert f"soar-ray: skipping {skipped}: learners/rank-00001.pt is " in out
     assert "soar-ray: metrics.jsonl: dropped 2 rows after stage 0-soar step 1, where this run " \
         "resumes" in out  # fmt: skip
+    assert "soar-ray: tensorboard: rewritten from metrics.jsonl, 1 rows" in out
     assert f"soar-ray: resumed from {checkpoints / checkpoint_name(0, 1)} " in out
-    assert [row["step"] for row in _rows(tmp_path)] == [1, 2, 3, 4]
+    rows = _rows(tmp_path)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    # TensorBoard holds each step once, as metrics.jsonl does (steps 2-3 of the first run gone).
+    scalars, _ = tensorboard_events(tmp_path)
+    assert [step for step, _ in scalars["0-soar/loss"]] == [1, 2, 3, 4]
+    assert [value for _, value in scalars["0-soar/loss"]] == pytest.approx(
+        [row["loss"] for row in rows], rel=1e-6)  # fmt: skip
     expected, resumed = load_file(straight / WEIGHTS), load_file(tmp_path / WEIGHTS)
     assert expected.keys() == resumed.keys()
     for key, value in expected.items():

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import tensorboard_events
 from PIL import Image
 
 from soar_ray.metrics import MetricsLogger, save_image_grid, to_uint8_images
@@ -39,3 +40,27 @@ def test_grid_layout_and_tile_content(tmp_path):
 def test_grid_rejects_caption_count_mismatch(tmp_path):
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         save_image_grid(np.zeros((2, 4, 4, 3), np.uint8), tmp_path / "g.png", captions=["a"])
+
+
+def test_tensorboard_is_rewritten_from_the_rows_and_grids_a_resume_keeps(tmp_path):
+    from soar_ray.metrics import drop_jsonl_rows, grid_file, rebuild_tensorboard
+
+    grid = np.zeros((1, 8, 8, 3), dtype=np.uint8)
+    with MetricsLogger(tmp_path, tensorboard=True) as logger:
+        for step in (1, 2, 3, 4):  # a SOAR stage killed after step 4
+            logger.log(step, {"stage": "0-soar", "loss": step / 8, "loss_aux": math.nan})
+            if step % 2 == 0:
+                path = save_image_grid(grid, tmp_path / "samples" / grid_file("0-soar-step", step))
+                logger.log_image("0-soar-step", path, step)
+        logger.log(2, {"stage": "1-grpo", "kl": 0.5})  # the next stage's steps count from 1
+    scalars, images = tensorboard_events(tmp_path)
+    assert scalars["0-soar/loss"] == [(1, 0.125), (2, 0.25), (3, 0.375), (4, 0.5)]
+    assert scalars["1-grpo/kl"] == [(2, 0.5)] and images == {"samples": [2, 4]}
+    # It resumes from its step-2 checkpoint: rows and grids past it go.
+    keep = lambda stage, step: stage == "0-soar" and step <= 2  # noqa: E731
+    assert drop_jsonl_rows(tmp_path / "metrics.jsonl", lambda r: keep(r["stage"], r["step"])) == 3
+    assert rebuild_tensorboard(tmp_path, keep) == 2
+    scalars, images = tensorboard_events(tmp_path)
+    # The NaN auxiliary losses were nulls in metrics.jsonl: not written again.
+    assert scalars == {"0-soar/loss": [(1, 0.125), (2, 0.25)]}
+    assert images == {"samples": [2]}

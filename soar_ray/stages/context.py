@@ -20,7 +20,7 @@ from soar_ray.cluster.weights import WeightSync, build_weight_sync
 from soar_ray.config import ConfigError, JobConfig, dump_config
 from soar_ray.data.prompts import load_text_prompts
 from soar_ray.errors import RunStopped
-from soar_ray.metrics import MetricsLogger, save_image_grid
+from soar_ray.metrics import MetricsLogger, grid_file, save_image_grid
 from soar_ray.workers.learner import Learner
 from soar_ray.workers.rollout import RolloutWorker
 
@@ -156,9 +156,9 @@ class StageContext:
 
     def save_grid(self, images: np.ndarray, captions: list[str], name: str, step: int) -> Path:
         """A captioned PNG grid under samples/, also shown in TensorBoard."""
-        path = self.run_dir / "samples" / f"{name}-{step:06d}.png"
+        path = self.run_dir / "samples" / grid_file(name, step)
         save_image_grid(images, path, captions=captions)
-        self.logger.log_image("samples" if "eval" not in name else "eval", path, step)
+        self.logger.log_image(name, path, step)
         return path
 
     def render_samples(self, stage_name: str, step: int, version: int = 0) -> Path:

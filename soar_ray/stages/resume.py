@@ -25,7 +25,7 @@ from typing import Any
 from soar_ray.checkpoint import CheckpointDamaged, CheckpointState
 from soar_ray.config import ConfigError, JobConfig, RewardConfig, load_job
 from soar_ray.errors import RunStopped
-from soar_ray.metrics import drop_jsonl_rows
+from soar_ray.metrics import drop_jsonl_rows, rebuild_tensorboard
 
 RESUME_MAY_CHANGE = (
     "name", "output_dir", "checkpoint.*", "logging.*",
@@ -106,8 +106,9 @@ def check_resume_settings(job: JobConfig, folder: Path, state: CheckpointState) 
 
 def rewind_metrics(job: JobConfig, run_dir: Path, state: CheckpointState | None) -> int:
     """Drop the metrics.jsonl rows after the resume point (all of them when the run starts over):
-    a run killed past its last checkpoint wrote them, and this run writes them again. Returns the
-    rows dropped, after saying how many."""
+    a run killed past its last checkpoint wrote them, and this run writes them again. TensorBoard's
+    events of an earlier run are then written again from the rows kept. Returns the rows dropped,
+    after saying how many."""
     order = {name: index for index, name in enumerate(job.stage_names)}
     point = (state.stage_index, state.step) if state is not None else None
 
@@ -122,6 +123,11 @@ def rewind_metrics(job: JobConfig, run_dir: Path, state: CheckpointState | None)
         where = (f"after stage {state.stage_name} step {state.step}, where this run resumes"
                  if state is not None else "of an earlier run; this run starts over")  # fmt: skip
         print(f"soar-ray: metrics.jsonl: dropped {dropped} rows {where}")
+    if job.logging.tensorboard and job.logging.jsonl and (run_dir / "tensorboard").is_dir():
+        # An earlier run's events: written again from the rows kept (and their sample grids).
+        rows = rebuild_tensorboard(run_dir, lambda stage, step: keep({"stage": stage,
+                                                                      "step": step}))  # fmt: skip
+        print(f"soar-ray: tensorboard: rewritten from metrics.jsonl, {rows} rows")
     return dropped
 
 
