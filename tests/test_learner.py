@@ -162,7 +162,7 @@ def test_soar_step_trains_every_transformer_weight_and_reports(tiny_job):
     assert sum(changed) > 0.9 * len(changed)
 
 
-def test_a_non_finite_loss_skips_the_step_and_leaves_weights_and_ema(tiny_job):
+def test_a_non_finite_loss_skips_the_step_and_leaves_weights_and_ema(tiny_job, tmp_path):
     learner = _learner(tiny_job, ema=EmaConfig(enabled=True, every=1))
     batch = _batch(tiny_job)
     learner.train(batch)  # a real step first: the EMA now lags the weights
@@ -177,6 +177,14 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_weights_and_ema(tiny_job):
     assert all(torch.equal(a, p) for a, p in zip(weights, learner.params))
     assert all(torch.equal(a, b) for a, b in zip(shadow, learner.ema.shadow))
     assert learner.ema.num_updates == num_updates
+    # The streak is part of a checkpoint: a resumed learner counts on from it.
+    learner.save_checkpoint(tmp_path)
+    resumed = _learner(tiny_job, ema=EmaConfig(enabled=True, every=1))
+    resumed.load_checkpoint(tmp_path)
+    assert resumed.num_skipped_in_a_row == 2
+    assert (
+        resumed.train(batch | {"pixels": batch["pixels"] * math.nan})["skipped_steps_in_a_row"] == 3
+    )
     good = learner.train(batch)
     assert (good["skipped_steps"], good["skipped_steps_in_a_row"]) == (0, 0)
     assert math.isfinite(good["loss"]) and math.isfinite(good["grad_norm"])

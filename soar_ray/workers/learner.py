@@ -401,10 +401,12 @@ class Learner:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(self, folder: str | Path) -> None:
-        """Engine state of every rank under folder/engine, this rank's RNG (and its EMA)."""
+        """Engine state of every rank under folder/engine; this rank's RNG, its count of skipped
+        steps in a row (and its EMA)."""
         folder = Path(folder)
         self.engine.save_checkpoint(str(folder), tag=ENGINE_TAG, save_latest=False)
-        rank_state = {"generator": self.generator.get_state()}
+        rank_state = {"generator": self.generator.get_state(),
+                      "skipped_in_a_row": self.num_skipped_in_a_row}  # fmt: skip
         if self.ema is not None:
             rank_state["ema"] = self.ema.state_dict()
         torch.save(rank_state, folder / f"rank-{self.rank:05d}.pt")
@@ -414,5 +416,8 @@ class Learner:
         self.engine.load_checkpoint(str(folder), tag=ENGINE_TAG)
         rank_state = load_weights_only(folder / f"rank-{self.rank:05d}.pt")
         self.generator.set_state(rank_state["generator"])
+        # A streak of skipped steps goes on across a resume (checkpoints written before this
+        # count was kept have none: they start it at 0, as their runs did).
+        self.num_skipped_in_a_row = int(rank_state.get("skipped_in_a_row", 0))
         if self.ema is not None:
             self.ema.load_state_dict(rank_state["ema"])
