@@ -5,8 +5,9 @@ ZeRO-2 learners on gloo with a disaggregated rollout worker making the aux point
 Flow-GRPO epochs scored by the JPEG-compressibility reward actor) runs with
 `cluster.placement_strategy: STRICT_SPREAD`: the learners, the rollout worker and the reward
 actor land on four different nodes, none on the driver's; learner-1 reaches the rendezvous store
-at rank 0's node address, served by rank 0's own process; both ranks write one checkpoint in the
-shared folder. Then, in the SOAR stage, the node holding learner-1 is lost mid-step (its
+at rank 0's node address, served by rank 0's own process; the weights reach the rollout worker's
+node over the collective weight group (`cluster.weight_sync: collective`, gloo); both ranks write
+one checkpoint in the shared folder. Then, in the SOAR stage, the node holding learner-1 is lost mid-step (its
 processes SIGKILLed, as when a machine dies) while learner-0 waits on learner-1 in a collective,
 so that learner-0's own error comes before Ray reports the loss: the run stops in one line
 naming learner-1 (not learner-0's error) and the checkpoint `resume: auto` continues from. A
@@ -47,6 +48,8 @@ OVERRIDES = [
     "data.synthetic.num_images=32", "logging.progress_bar=false", "logging.tensorboard=false",
     "logging.sample_every=0", "cluster.placement_strategy=STRICT_SPREAD",
     "stages.0.mode=disaggregated", "stages.0.max_staleness=1", f"stages.0.num_steps={NUM_STEPS}",
+    # The weights reach the rollout worker over the collective group, across nodes (gloo here).
+    "cluster.weight_sync=collective",
     "checkpoint.every=2", "cluster.start_timeout_s=300",
     # GRPO as small as it runs: 4 images of 2 SDE steps an epoch, one rollout call, one update of
     # one micro-batch a rank, no evaluation (so no held-out reward actor); it checkpoints once,
@@ -340,6 +343,11 @@ def test_resume_auto_on_a_replacement_node_finishes_both_stages_once(multinode):
                          multinode["lost"]["result"]["error"][1])[1])  # fmt: skip
     assert re.search(rf"resumed from \S+step-00-{step:07d} \(stage soar, step {step}\)",
                      multinode["out"])  # fmt: skip
+    # Both runs pushed the weights to the rollout worker's node over the collective group, whose
+    # store learner-0 serves on its own node's address.
+    formed = re.findall(r"soar-ray: weight sync: collective \(gloo\), learner-0 and 1 rollout "
+                        rf"workers, rendezvous at {re.escape(LOOPBACK)}:\d+", multinode["out"])  # fmt: skip
+    assert len(formed) >= 2, multinode["out"][-3000:]
     rows = resumed["rows"]
     assert [(row["stage"], row["step"]) for row in rows] == (
         [("soar", s) for s in range(1, NUM_STEPS + 1)]
