@@ -9,8 +9,8 @@ import pytest
 import ray
 import torch
 from diffusers import SD3Transformer2DModel
+from helpers import not_exported
 from safetensors.torch import load_file
-from test_monitoring import not_exported
 
 from soar_ray.algo.flow import guided_velocity
 from soar_ray.algo.grpo import sde_step_with_logprob

@@ -13,29 +13,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from helpers import strict
 
 from soar_ray.config import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "docker" / "kuberay"
 SCHEMAS = Path(__file__).parent / "data" / "kuberay"
-
-
-def strict(schema: dict) -> dict:
-    """The CRD schema with unknown fields refused: an object that lists its properties and
-    neither allows others nor preserves unknown fields gets additionalProperties: false."""
-    schema = copy.deepcopy(schema)
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):  # fmt: skip
-                node["additionalProperties"] = False
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return schema
 
 
 def validator(kind: str) -> jsonschema.Draft7Validator:

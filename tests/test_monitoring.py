@@ -19,54 +19,19 @@ import jsonschema
 import ray
 import torch
 import yaml
-from test_kuberay import strict
+from helpers import (
+    MONITORING,
+    dashboard,
+    exported_gauges,
+    not_exported,
+    selected,
+    strict,
+)
 
-from soar_ray.metrics import ray_metric_name
 from soar_ray.workers.learner import Learner
 
 ROOT = Path(__file__).resolve().parents[1]
-MONITORING = ROOT / "docker" / "monitoring"
-RAY_NAMESPACE = "ray_"
-"""Ray's prefix in front of every custom metric on the Prometheus endpoint."""
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-
-
-def dashboard() -> dict:
-    return json.loads((MONITORING / "grafana" / "soar_ray_dashboard.json").read_text())
-
-
-def queries(board: dict) -> list[str]:
-    """Every PromQL expression of the dashboard: panel targets and variable queries."""
-    variables = [v["query"]["query"] for v in board["templating"]["list"] if v["type"] == "query"]
-    return [t["expr"] for p in board["panels"] for t in p.get("targets", [])] + variables
-
-
-def selected(expr: str) -> tuple[set[str], set[str]]:
-    """The gauges an expression selects: names (before label matchers, or label_values' first
-    argument), and `__name__=~` patterns."""
-    patterns = set(re.findall(r'__name__=~"([^"]+)"', expr))
-    # Quoted strings hold label values and regexes (label_replace's too), not metric names.
-    bare = re.sub(r'"[^"]*"', '""', expr)
-    names = re.findall(r"([a-zA-Z_:][\w:]*)\{", bare) + re.findall(r"label_values\((\w+)", bare)
-    return set(names), patterns
-
-
-def exported_gauges(rows: list[dict]) -> set[str]:
-    """Prometheus names of the gauges metrics.jsonl rows were exported as: every numeric field
-    but `time` (MetricsLogger), through the code's own name mapping."""
-    return {RAY_NAMESPACE + ray_metric_name(key) for row in rows for key, value in row.items()
-            if key != "time" and isinstance(value, (int, float)) and not isinstance(value, bool)}  # fmt: skip
-
-
-def not_exported(rows: list[dict]) -> set[str]:
-    """The dashboard's gauge names that no row exports, and its patterns that match none."""
-    exported = exported_gauges(rows)
-    missing = set()
-    for expr in queries(dashboard()):
-        names, patterns = selected(expr)
-        missing |= names - exported
-        missing |= {p for p in patterns if not any(re.fullmatch(p, n) for n in exported)}
-    return missing
 
 
 def test_every_panel_queries_soar_ray_gauges_of_the_selected_job_and_stage():

@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 from diffusers import SD3Transformer2DModel
-from test_monitoring import exported_gauges
+from helpers import exported_gauges
 
 from soar_ray.algo.flow import cat_cond, make_schedule
 from soar_ray.algo.soar import AuxPoint, SoarInputs, prepare_soar_inputs
