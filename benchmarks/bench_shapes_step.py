@@ -19,21 +19,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_soar_step import DEVICE, one_rank_group, sync  # noqa: E402
 from shapes_geneval import PROFILES, Study, job_tree, prepare_cache, soar_stage  # noqa: E402
 from shapes_models import autoencoder, save_study_model  # noqa: E402
 
 from soar_ray.data.shapes import make_shapes_set, make_split  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_data(job, num_steps: int) -> float:
@@ -84,19 +77,6 @@ def time_step(job, num_steps: int, engine: str, trace: bool = False) -> tuple[fl
             sync()
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30), flush=True)
     return rate, metrics
-
-
-def one_rank_group() -> None:
-    """A one-rank process group on loopback for the DeepSpeed engine."""
-    import os
-
-    import deepspeed
-
-    from soar_ray.cluster.session import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")  # fmt: skip
-    deepspeed.init_distributed(dist_backend="nccl" if DEVICE == "cuda" else "gloo")
 
 
 def time_run(job, run_dir: Path) -> float:
