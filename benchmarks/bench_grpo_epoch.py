@@ -145,7 +145,7 @@ def main() -> None:
     gpus = args.gpus * args.pairs
     result = {
         "date": str(datetime.date.today()), "device": device_name(), "preset": args.preset,
-        "resolution": args.resolution, "text_tokens": 77 + 77, "pairs": args.pairs, "gpus": gpus,
+        "resolution": args.resolution, "text_tokens": 77 + job.model.t5_max_length, "pairs": args.pairs, "gpus": gpus,
         "group_size": args.group_size, "groups_per_pair": args.groups,
         "batch": args.batch_size, "checkpointing": args.checkpointing, "compile": args.compile,
         "epochs_measured": [r.get("step") for r in measured], **medians,

@@ -125,7 +125,7 @@ class GrpoRollout:
         images = to_uint8_images(model.decode_latents(x))
         trajectories = Trajectories(
             torch.stack(latents, 1).cpu(), torch.stack(log_probs, 1).cpu(),
-            {k: v.cpu() for k, v in cond.items()}, {k: v.cpu() for k, v in uncond.items()},
+            cond_to(cond, "cpu"), cond_to(uncond, "cpu"),
             worker.version,
         )  # fmt: skip
         return trajectories, images, RolloutInfo(worker.version, time.perf_counter() - start)
