@@ -4,9 +4,9 @@
 # runs share the machine's GPUs, 4 at a time per GPU, or PARALLEL=N at a time), under a
 # wall-clock guard, then its report. Back under $OUT: log.txt, study.tar.gz (results.json, every
 # run's job file, metrics, driver log tail and held-out sample grid), table.md and report.tar.gz
-# (the table and the plots). Leave the call about 40 s after the guard for the bundle and the
-# report. The study resumes: on a machine still warm from the last call, the same command
-# continues it. Wheels in .whl/.
+# (the table and the plots); every 15 s the log notes the host's load and the GPUs' use. Leave the
+# call about 40 s after the guard for the bundle and the report. The study resumes: on a machine
+# still warm from the last call, the same command continues it. Wheels in .whl/.
 #   bash benchmarks/gpu_shapes_geneval.sh 0,1 570 [gpu-compiled]
 #   PARALLEL=8 bash benchmarks/gpu_shapes_geneval.sh 0,1 570 gpu-compiled   # both splits, one GPU
 set -uo pipefail
@@ -18,9 +18,16 @@ study=/tmp/shapes
 nvidia-smi -L | tee "$OUT/log.txt"
 env | grep -E '^RAY_' | sed 's/=.*//' | sed 's/^/environment sets /' | tee -a "$OUT/log.txt"
 start=$(date +%s)
+# Every 15 s: the host's load average and each GPU's utilisation and memory, into the log.
+(while sleep 15; do
+  echo "load at $(( $(date +%s) - start )) s: $(cut -d' ' -f1-3 /proc/loadavg); GPU % and MiB:" \
+    "$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits | paste -sd';')"
+done >> "$OUT/log.txt") &
+sampler=$!
 timeout "$limit" python3 benchmarks/shapes_geneval.py --out "$study" --profile "$profile" \
   --split-seeds "$splits" ${PARALLEL:+--parallel "$PARALLEL"} --phases train >> "$OUT/log.txt" 2>&1
 echo "train: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
+kill "$sampler"
 bundle=/tmp/bundle
 mkdir -p "$bundle"
 cp "$study"/results.json "$bundle"/ 2>/dev/null

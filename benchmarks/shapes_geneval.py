@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,16 @@ class Study:
     """The run's EvalSession (soar_ray.eval.runner), open while its checkpoints are evaluated."""
     feature_vae: Any = None
     """The split's autoencoder, the feature network of the Frechet distance."""
+    launched: float = field(default_factory=time.time)
+    """When the protocol launched this driver process (its `LAUNCHED` variable)."""
+    timings: list = field(default_factory=list)
+    """[what, seconds from the launch to its start, seconds it took] of a run's phases: where
+    a run's wall time goes (start-up, training, each evaluation and its Frechet distance)."""
+
+    def timed(self, what: str, started: float) -> None:
+        """Record a phase that began at `started` (time.time()) and ends now."""
+        now = time.time()
+        self.timings.append([what, round(started - self.launched, 2), round(now - started, 2)])
 
     @property
     def root(self) -> Path:
@@ -298,9 +308,14 @@ def evaluate(study: Study, transformer: Path, prompts: Path, steps: int, out: Pa
         cfg=4.5, images_per_prompt=profile.images_per_prompt, seed=0, resolution=None,
     )  # fmt: skip
     check_resumable(out, settings)
+    started = time.time()
     summary = study.session.evaluate(prompt_rows, settings, out, profile.eval_batch)
+    study.timed(f"eval {out.name}", started)
+    started = time.time()
+    fd = frechet_to_truth(study, out)
+    study.timed(f"fd {out.name}", started)
     return {"overall": summary["geneval"]["overall"], "per_tag": summary["geneval"]["per_tag"],
-            "accuracy": summary["geneval"]["accuracy"], "fd": frechet_to_truth(study, out)}  # fmt: skip
+            "accuracy": summary["geneval"]["accuracy"], "fd": fd}  # fmt: skip
 
 
 def features(vae, images: np.ndarray) -> np.ndarray:
@@ -494,9 +509,10 @@ def train_and_evaluate(study: Study, name: str) -> dict:
         try:
             if not timing.is_file():
                 check_pipeline(job)
-                start = time.perf_counter()
+                started = time.time()
                 run_pipeline(job, run_dir)
-                timing.write_text(json.dumps(time.perf_counter() - start) + "\n")
+                timing.write_text(json.dumps(time.time() - started) + "\n")
+                study.timed("training", started)
         except BaseException:
             cancelled.set()
             raise
@@ -504,6 +520,7 @@ def train_and_evaluate(study: Study, name: str) -> dict:
             trained.set()
         result: dict[str, Any] = {"seconds": json.loads(timing.read_text())}
         result.update(evaluation.result())
+    result["timings"] = study.timings
     if tree["stages"][0]["algorithm"] == "grpo":
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         result["reward"] = [[r["step"], r["reward_mean"]] for r in rows if "reward_mean" in r]
@@ -520,7 +537,9 @@ def evaluate_in_session(study: Study, job, world, run_dir: Path, trained: thread
                         cancelled: threading.Event) -> dict | None:  # fmt: skip
     from soar_ray.eval.runner import EvalSession
 
+    started = time.time()
     with EvalSession(job, ["shapes_geneval"], 1) as study.session:
+        study.timed("evaluation session start", started)
         return evaluate_run(study, world, run_dir, "train", study.profile.eval_steps, trained,
                             cancelled)  # fmt: skip
 
@@ -612,6 +631,9 @@ def run_protocol(out: Path, profile_name: str, profile: Profile, parallel: int) 
     return gather_results(out, profile)
 
 
+LAUNCHED = "SHAPES_LAUNCHED"  # the variable that tells a driver process when it was launched
+
+
 def launch(out: Path, profile_name: str, task: Task, env: dict[str, str]) -> subprocess.Popen:
     folder = task.folder(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -619,14 +641,15 @@ def launch(out: Path, profile_name: str, task: Task, env: dict[str, str]) -> sub
         return subprocess.Popen(
             [sys.executable, __file__, "--out", str(out), "--profile", profile_name,
              "--task", f"{task.split_seed}:{task.name}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, env={**env, LAUNCHED: str(time.time())},
         )  # fmt: skip
 
 
 def run_task(out: Path, profile: Profile, spec: str) -> None:
     """The body of a driver process: `SPLIT:setup` or `SPLIT:RUN`; writes its result.json last."""
     split_seed, name = spec.split(":", 1)
-    study = Study(out, profile, int(split_seed))
+    launched = float(os.environ.get(LAUNCHED, time.time()))
+    study = Study(out, profile, int(split_seed), launched=launched)
     task = Task(study.split_seed, name, None)
     if name == "setup":
         result = setup_split(study)

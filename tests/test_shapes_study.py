@@ -56,6 +56,10 @@ def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     ]
     assert sft["curve"][-1]["seen"] == sft["final"]["seen_2"]
     assert (root / "sft-seed0" / "eval" / "step-00-0000002-held_out-2" / "index.html").is_file()
+    # Where a run's wall time went: its training and each evaluation, after its launch.
+    phases = {what.split()[0] for what, _, _ in sft["timings"]}
+    assert {"evaluation", "training", "eval", "fd"} == phases
+    assert all(start >= 0 and took >= 0 for _, start, took in sft["timings"])
     table = markdown_table(results)
     assert "| soar-cfg4.5 | 1 |" in table and "GRPO from sft (split 0)" in table
     # One device call per split: their results merge into one report; a split twice is refused.
