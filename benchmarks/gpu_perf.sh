@@ -16,6 +16,8 @@
 #   grpo-fast  the same with checkpointing off and the learner's and rollout worker's blocks compiled
 #   grpo-scaling-1 / grpo-scaling-2  grpo-fast on 1 and on 2 learner + rollout worker pairs, one
 #            pair a GPU, 2 groups of 24 a pair an epoch (grpo-scaling-1 is grpo-fast)
+#            (each GRPO section: medians of epochs 3-4; two pairs' sampling is still warming up in
+#            epoch 2)
 #   scaling  the SOAR stage on 1 and 2 learners, 4 images per GPU, ZeRO-2, compiled blocks,
 #            checkpointing on the first 12 (2-GPU machines only; scaling-1 / scaling-2: one of them)
 #   memory   the largest SOAR batch of one learner and its peak GiB (benchmarks/bench_memory.py) at
@@ -84,7 +86,7 @@ for section in $sections; do
       measure "$section" 480 "/tmp/perf-$section/result.json" python3 benchmarks/bench_grpo_epoch.py \
         --preset sd35-medium --resolution 512 --precision bf16 --gpus 1 --pairs "$pairs" --cpus 4 \
         --reward-actors $((2 * pairs)) --reward-cpus 2 --steps 10 --group-size 24 --groups 2 \
-        --batch-size 9 --updates 2 --epochs 3 --warmup 1 "${flags[@]}" --out "/tmp/perf-$section"
+        --batch-size 9 --updates 2 --epochs 4 --warmup 2 "${flags[@]}" --out "/tmp/perf-$section"
       grep -v "^\s*$" "$OUT/logs/$section.log" | tail -6 ;;
     scaling|scaling-1|scaling-2)
       counts=${section#scaling}; counts=${counts#-}
