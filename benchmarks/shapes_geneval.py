@@ -74,9 +74,6 @@ class Profile:
     grpo_epochs: int = 30
     grpo_eval_every: int = 10
     gpu: bool = True
-    gpu_share: float = 0.125
-    """GPU fraction of each learner and rollout worker: runs in parallel share a GPU, and a run
-    holds its learner and its evaluation's worker at once (GRPO a rollout worker too)."""
     parallel_per_device: int = 4
     """Runs at a time per GPU (per 4 CPUs without GPUs); `--parallel` overrides."""
     eval_steps: tuple[int, ...] = (40, 10)
@@ -134,6 +131,11 @@ class Study:
     """The run's EvalSession (soar_ray.eval.runner), open while its checkpoints are evaluated."""
     feature_vae: Any = None
     """The split's autoencoder, the feature network of the Frechet distance."""
+    truth_features: dict = field(default_factory=dict)
+    """Features of the rendered truth of a prompt set's evaluation rows, by (file, rows): the
+    same at every evaluation of the set."""
+    gpu_share: float = 1.0
+    """GPU fraction of each of a run's learner and rollout workers (`gpu_share`)."""
     launched: float = field(default_factory=time.time)
     """When the protocol launched this driver process (its `LAUNCHED` variable)."""
     timings: list = field(default_factory=list)
@@ -235,13 +237,13 @@ def job_tree(study: Study, name: str, seed: int, stage: dict, world, every: int)
                  "prompts": {"path": str(world.train_prompts), "kind": "geneval"},
                  "eval_prompts": {"path": str(world.eval_held_out), "kind": "geneval"}},
         "stages": [stage],
-        # Fractions: the runs in parallel share the GPUs (or the CPUs); a run waits for its
-        # share while the others hold theirs. A SOAR stage rolls out on its learner (colocated);
-        # GRPO samples on a rollout worker, as does the run's evaluation beside the training.
-        "cluster": {"num_learners": 1, "gpus_per_learner": profile.gpu_share if gpu else 0,
+        # Fractions: the runs in parallel share the GPUs (or the CPUs). A SOAR stage rolls out
+        # on its learner (colocated); GRPO samples on a rollout worker, as does the run's
+        # evaluation beside the training.
+        "cluster": {"num_learners": 1, "gpus_per_learner": study.gpu_share if gpu else 0,
                     "cpus_per_learner": 1 if gpu else 0.25,
                     "num_rollout_workers": int(stage.get("algorithm") == "grpo"),
-                    "gpus_per_rollout_worker": profile.gpu_share if gpu else 0,
+                    "gpus_per_rollout_worker": study.gpu_share if gpu else 0,
                     "cpus_per_rollout_worker": 1 if gpu else 0.25,
                     "reward_actors": {"shapes_geneval": {"num_cpus": 1 if gpu else 0.25}},
                     "start_timeout_s": 3600, "compile_rollout_blocks": profile.compile},
@@ -353,11 +355,14 @@ def frechet_to_truth(study: Study, eval_dir: Path) -> float:
     rows = pq.read_table(eval_dir / "scores.parquet").to_pylist()
     made = np.stack([np.asarray(Image.open(eval_dir / r["image"]).convert("RGB")) for r in rows])
     prompts_file = Path(json.loads((eval_dir / "eval.json").read_text())["prompts"])
-    table = [json.loads(line) for line in prompts_file.read_text().splitlines()]
-    truth = reference_images([table[r["prompt_index"]] for r in rows], made.shape[1], seed=7)
     if study.feature_vae is None:  # loaded once a split, not at every evaluation
         study.feature_vae = AutoencoderKL.from_pretrained(study.model_dir / "vae")
-    return frechet(features(study.feature_vae, made), features(study.feature_vae, truth))
+    key = (prompts_file, tuple(r["prompt_index"] for r in rows), made.shape[1])
+    if key not in study.truth_features:
+        table = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+        truth = reference_images([table[i] for i in key[1]], made.shape[1], seed=7)
+        study.truth_features[key] = features(study.feature_vae, truth)
+    return frechet(features(study.feature_vae, made), study.truth_features[key])
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:
@@ -607,7 +612,10 @@ def run_protocol(out: Path, profile_name: str, profile: Profile, parallel: int) 
                 ready = [t for t in pending if t.ready(out, done)]
                 for task in ready[: parallel - len(running)]:
                     pending.remove(task)
-                    running[task] = (launch(out, profile_name, task, env), time.perf_counter())
+                    running[task] = (
+                        launch(out, profile_name, task, env, parallel),
+                        time.perf_counter(),
+                    )
                     print(f"shapes: started split {task.split_seed} {task.name}", flush=True)
                 time.sleep(0.5)
                 for task, (process, started) in list(running.items()):
@@ -631,25 +639,35 @@ def run_protocol(out: Path, profile_name: str, profile: Profile, parallel: int) 
     return gather_results(out, profile)
 
 
+def gpu_share(parallel: int, devices: int) -> float:
+    """Each GPU actor's fraction when `parallel` runs share `devices` GPUs: all their actors fit
+    at once (at most three a run: GRPO's learner and rollout worker, and the evaluation's worker),
+    so no run waits on Ray for a share; the runs share the GPUs' time, not slices of them."""
+    return int(devices / (3 * parallel) * 10_000) / 10_000  # Ray counts GPUs in 1e-4 units
+
+
 LAUNCHED = "SHAPES_LAUNCHED"  # the variable that tells a driver process when it was launched
 
 
-def launch(out: Path, profile_name: str, task: Task, env: dict[str, str]) -> subprocess.Popen:
+def launch(out: Path, profile_name: str, task: Task, env: dict[str, str],
+           parallel: int) -> subprocess.Popen:  # fmt: skip
     folder = task.folder(out)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "driver.log", "ab") as log:
         return subprocess.Popen(
             [sys.executable, __file__, "--out", str(out), "--profile", profile_name,
-             "--task", f"{task.split_seed}:{task.name}"],
+             "--parallel", str(parallel), "--task", f"{task.split_seed}:{task.name}"],
             stdout=log, stderr=subprocess.STDOUT, env={**env, LAUNCHED: str(time.time())},
         )  # fmt: skip
 
 
-def run_task(out: Path, profile: Profile, spec: str) -> None:
-    """The body of a driver process: `SPLIT:setup` or `SPLIT:RUN`; writes its result.json last."""
+def run_task(out: Path, profile: Profile, spec: str, parallel: int) -> None:
+    """The body of a driver process: `SPLIT:setup` or `SPLIT:RUN` of a protocol running
+    `parallel` at a time; writes its result.json last."""
     split_seed, name = spec.split(":", 1)
     launched = float(os.environ.get(LAUNCHED, time.time()))
-    study = Study(out, profile, int(split_seed), launched=launched)
+    share = gpu_share(parallel, torch.cuda.device_count()) if profile.gpu else 0.0
+    study = Study(out, profile, int(split_seed), gpu_share=share, launched=launched)
     task = Task(study.split_seed, name, None)
     if name == "setup":
         result = setup_split(study)
@@ -657,6 +675,9 @@ def run_task(out: Path, profile: Profile, spec: str) -> None:
         from soar_ray.cluster.session import ray_session
         from soar_ray.config import ClusterConfig
 
+        # The driver's own work (reading images, the Frechet features) is small; `parallel`
+        # drivers each on every core would only take the cores from the runs' actors.
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
         with ray_session(ClusterConfig()):
             result = train_and_evaluate(study, name)
     task.result_path(out).write_text(json.dumps(result, indent=1) + "\n")
@@ -706,15 +727,14 @@ def main() -> None:
     if args.split_seeds:
         profile = replace(profile, split_seeds=tuple(int(s) for s in args.split_seeds.split(",")))
     out = Path(args.out)
+    devices = torch.cuda.device_count() if profile.gpu else max(1, (os.cpu_count() or 1) // 4)
+    parallel = args.parallel or profile.parallel_per_device * devices
     if args.task:
-        run_task(out, profile, args.task)
+        run_task(out, profile, args.task, parallel)
         return
     phases = args.phases.split(",")
     if "train" in phases:
-        devices = torch.cuda.device_count() if profile.gpu else max(1, (os.cpu_count() or 1) // 4)
-        run_protocol(
-            out, args.profile, profile, args.parallel or profile.parallel_per_device * devices
-        )
+        run_protocol(out, args.profile, profile, parallel)
     if "report" in phases:
         from shapes_report import merge_results, write_report
 

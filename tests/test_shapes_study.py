@@ -69,3 +69,13 @@ def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     assert "| soar-cfg4.5 | 2 |" in markdown_table(merged)
     with pytest.raises(SystemExit, match=r"split seed\(s\) \['0'\] appear in two results"):
         merge_results([results, results])
+
+
+def test_gpu_shares_let_every_run_in_parallel_hold_its_three_actors():
+    sys.path.insert(0, str(BENCHMARKS))
+    from shapes_geneval import gpu_share
+
+    # 8 runs on one GPU: 1/24 = 0.041666..., cut to Ray's 1e-4 units; 24 actors fit in 0.9984.
+    assert gpu_share(8, 1) == 0.0416 and 24 * gpu_share(8, 1) <= 1
+    assert gpu_share(4, 2) == 0.1666  # 2 / 12
+    assert gpu_share(1, 1) == 0.3333
