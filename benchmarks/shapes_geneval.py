@@ -597,6 +597,10 @@ def run_protocol(out: Path, profile_name: str, profile: Profile, parallel: int) 
     os.environ["RAY_AUTH_MODE"] = "token"
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Every learner and rollout worker of every run compiles the same blocks (compiled
+    # profiles), mostly hits in inductor's shared cache: one compile thread each, not a pool of
+    # worker processes the size of the host in each of them. Ray's workers inherit it.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     from soar_ray.cluster.session import ray_session
     from soar_ray.config import ClusterConfig
 
