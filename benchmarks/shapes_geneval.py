@@ -71,8 +71,8 @@ class Profile:
     eval_every: int = 100
     soar_cfgs: tuple[float, ...] = (1.0, 2.0, 4.5)
     trajectory_length: int = 6
-    grpo_epochs: int = 30
-    grpo_eval_every: int = 10
+    grpo_epochs: int = 100
+    grpo_eval_every: int = 25
     gpu: bool = True
     parallel_per_device: int = 4
     """Runs at a time per GPU (per 4 CPUs without GPUs); `--parallel` overrides."""
