@@ -9,6 +9,8 @@
 # still warm from the last call, the same command continues it. Wheels in .whl/.
 #   bash benchmarks/gpu_shapes_geneval.sh 0,1 570 [gpu-compiled]
 #   PARALLEL=8 bash benchmarks/gpu_shapes_geneval.sh 0,1 570 gpu-compiled   # both splits, one GPU
+# The whole protocol in one go across back-to-back calls, each waiting on it (device_detached.sh):
+#   PARALLEL=8 bash benchmarks/device_detached.sh study 570 bash benchmarks/gpu_shapes_geneval.sh 0,1 1500 gpu-compiled
 set -uo pipefail
 source benchmarks/device_env.sh
 splits=${1:-0,1}
