@@ -6,11 +6,12 @@
 # to the call's $OUT. Calls after the first only wait and copy, while the machine stays warm.
 # Where the device ends a call's processes with it, the next call finds COMMAND gone without its
 # exit status and starts it again (a resumable benchmark continues).
+# (DETACHED_HOME moves /tmp/detached.)
 #   bash benchmarks/device_detached.sh study 560 bash benchmarks/gpu_shapes_geneval.sh 0,1 1500 gpu-compiled
 set -uo pipefail
 name=$1 seconds=$2
 shift 2
-home=/tmp/detached/$name
+home=${DETACHED_HOME:-/tmp/detached}/$name
 mkdir -p "$home/out"
 OUT=${OUT:-/tmp/out}
 alive() {  # whether COMMAND's process exists and is not a zombie left unreaped
@@ -31,7 +32,7 @@ else
 fi
 end=$(( $(date +%s) + seconds ))
 while [ ! -f "$home/status" ] && alive && [ "$(date +%s)" -lt "$end" ]; do
-  sleep 5
+  sleep 1
 done
 [ -f "$home/status" ] && echo "detached: $name ended with exit $(cat "$home/status")"
 mkdir -p "$OUT"
