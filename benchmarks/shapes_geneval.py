@@ -135,7 +135,9 @@ class Study:
     """Features of the rendered truth of a prompt set's evaluation rows, by (file, rows): the
     same at every evaluation of the set."""
     gpu_share: float = 1.0
-    """GPU fraction of each of a run's learner and rollout workers (`gpu_share`)."""
+    """GPU fraction of each of a run's learner and rollout workers (`share`)."""
+    cpu_share: float = 1.0
+    """CPU fraction of each of a run's actors (`share`)."""
     launched: float = field(default_factory=time.time)
     """When the protocol launched this driver process (its `LAUNCHED` variable)."""
     timings: list = field(default_factory=list)
@@ -241,11 +243,11 @@ def job_tree(study: Study, name: str, seed: int, stage: dict, world, every: int)
         # on its learner (colocated); GRPO samples on a rollout worker, as does the run's
         # evaluation beside the training.
         "cluster": {"num_learners": 1, "gpus_per_learner": study.gpu_share if gpu else 0,
-                    "cpus_per_learner": 1 if gpu else 0.25,
+                    "cpus_per_learner": study.cpu_share,
                     "num_rollout_workers": int(stage.get("algorithm") == "grpo"),
                     "gpus_per_rollout_worker": study.gpu_share if gpu else 0,
-                    "cpus_per_rollout_worker": 1 if gpu else 0.25,
-                    "reward_actors": {"shapes_geneval": {"num_cpus": 1 if gpu else 0.25}},
+                    "cpus_per_rollout_worker": study.cpu_share,
+                    "reward_actors": {"shapes_geneval": {"num_cpus": study.cpu_share}},
                     "start_timeout_s": 3600, "compile_rollout_blocks": profile.compile},
         "rewards": {"shapes_geneval": {}},  # also sizes the evaluation session's scoring actor
         # One learner in plain torch: at this model size a DeepSpeed step is mostly its
@@ -643,11 +645,16 @@ def run_protocol(out: Path, profile_name: str, profile: Profile, parallel: int) 
     return gather_results(out, profile)
 
 
-def gpu_share(parallel: int, devices: int) -> float:
-    """Each GPU actor's fraction when `parallel` runs share `devices` GPUs: all their actors fit
-    at once (at most three a run: GRPO's learner and rollout worker, and the evaluation's worker),
-    so no run waits on Ray for a share; the runs share the GPUs' time, not slices of them."""
-    return int(devices / (3 * parallel) * 10_000) / 10_000  # Ray counts GPUs in 1e-4 units
+GPU_ACTORS, CPU_ACTORS = 3, 5
+"""The most actors a run holds at once: GRPO's learner, rollout worker and reward actor, and its
+evaluation's rollout worker and reward actor; all but the reward actors on a GPU."""
+
+
+def share(parallel: int, total: float, actors: int) -> float:
+    """Each actor's fraction of `total` GPUs or CPUs when `parallel` runs of up to `actors` actors
+    share them: all fit at once, so no run waits on Ray for its share while the others hold
+    theirs; the runs share the devices' time instead (each actor still runs one thread)."""
+    return int(total / (actors * parallel) * 10_000) / 10_000  # Ray counts in 1e-4 units
 
 
 LAUNCHED = "SHAPES_LAUNCHED"  # the variable that tells a driver process when it was launched
@@ -670,12 +677,13 @@ def run_task(out: Path, profile: Profile, spec: str, parallel: int) -> None:
     `parallel` at a time; writes its result.json last."""
     split_seed, name = spec.split(":", 1)
     launched = float(os.environ.get(LAUNCHED, time.time()))
-    share = gpu_share(parallel, torch.cuda.device_count()) if profile.gpu else 0.0
-    study = Study(out, profile, int(split_seed), gpu_share=share, launched=launched)
+    study = Study(out, profile, int(split_seed), launched=launched)
     task = Task(study.split_seed, name, None)
     if name == "setup":
         result = setup_split(study)
     else:
+        import ray
+
         from soar_ray.cluster.session import ray_session
         from soar_ray.config import ClusterConfig
 
@@ -683,6 +691,9 @@ def run_task(out: Path, profile: Profile, spec: str, parallel: int) -> None:
         # drivers each on every core would only take the cores from the runs' actors.
         torch.set_num_threads(min(torch.get_num_threads(), 2))
         with ray_session(ClusterConfig()):
+            resources = ray.cluster_resources()  # the study's Ray: what the runs share
+            study.gpu_share = share(parallel, resources.get("GPU", 0.0), GPU_ACTORS)
+            study.cpu_share = share(parallel, resources["CPU"], CPU_ACTORS)
             result = train_and_evaluate(study, name)
     task.result_path(out).write_text(json.dumps(result, indent=1) + "\n")
 

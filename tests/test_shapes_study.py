@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
+import yaml
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -16,7 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.slow
 def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
-    from shapes_geneval import PROFILES, run_protocol, soar_compute_ratio
+    from shapes_geneval import CPU_ACTORS, PROFILES, run_protocol, share, soar_compute_ratio
     from shapes_report import markdown_table, merge_results
 
     profile = PROFILES["test"]
@@ -38,6 +40,11 @@ def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     assert f"batch_size: {round(profile.batch_size * soar_compute_ratio(profile))}" in job
     assert f"transformer: {root / 'base' / 'train' / 'transformer'}" in (
         root / "sft-seed0" / "job.yaml").read_text()  # fmt: skip
+    # Every actor asks for a share that lets the 3 runs in parallel hold all of theirs at once.
+    cpus = ray.cluster_resources()["CPU"]
+    cluster = yaml.safe_load((root / "grpo-from-sft" / "job.yaml").read_text())["cluster"]
+    assert cluster["cpus_per_learner"] == cluster["cpus_per_rollout_worker"] == share(
+        3, cpus, CPU_ACTORS) == cluster["reward_actors"]["shapes_geneval"]["num_cpus"]  # fmt: skip
     soar = [json.loads(line) for line in (root / "soar-cfg4.5-seed0" / "metrics.jsonl")
             .read_text().splitlines()]  # fmt: skip
     assert soar[0]["aux_points_per_sample"] > 0 and compute[0]["aux_points_per_sample"] == 0
@@ -71,11 +78,13 @@ def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
         merge_results([results, results])
 
 
-def test_gpu_shares_let_every_run_in_parallel_hold_its_three_actors():
+def test_shares_let_every_run_in_parallel_hold_its_actors_at_once():
     sys.path.insert(0, str(BENCHMARKS))
-    from shapes_geneval import gpu_share
+    from shapes_geneval import CPU_ACTORS, GPU_ACTORS, share
 
+    assert (GPU_ACTORS, CPU_ACTORS) == (3, 5)
     # 8 runs on one GPU: 1/24 = 0.041666..., cut to Ray's 1e-4 units; 24 actors fit in 0.9984.
-    assert gpu_share(8, 1) == 0.0416 and 24 * gpu_share(8, 1) <= 1
-    assert gpu_share(4, 2) == 0.1666  # 2 / 12
-    assert gpu_share(1, 1) == 0.3333
+    assert share(8, 1, GPU_ACTORS) == 0.0416 and 24 * share(8, 1, GPU_ACTORS) <= 1
+    assert share(8, 16, CPU_ACTORS) == 0.4  # 16 CPUs / 40 actors
+    assert share(4, 2, GPU_ACTORS) == 0.1666  # 2 / 12
+    assert share(3, 2, CPU_ACTORS) == 0.1333  # the suite's Ray: 2 CPUs, 3 runs
