@@ -83,6 +83,37 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def timing_table(results: dict[str, Any]) -> str:
+    """Where the runs' wall time went (each run's `timings`, from its launch): median and
+    largest over the runs, per phase; evaluations and Frechet distances summed over a run."""
+    phases: dict[str, list[float]] = defaultdict(list)
+    for split in results["splits"].values():
+        runs = [
+            split.get("base"),
+            *split.get("methods", {}).values(),
+            *split.get("grpo", {}).values(),
+        ]
+        for run in filter(None, runs):
+            timings = run.get("timings") or []
+            totals: dict[str, float] = defaultdict(float)
+            for what, _, took in timings:
+                totals[what.split()[0]] += took
+            for what, start, _ in timings:
+                if what == "training":
+                    phases["launch to training"].append(start)
+            for phase, label in (("evaluation", "evaluation session start"),
+                                 ("training", "training"), ("eval", "evaluations (sum)"),
+                                 ("fd", "Frechet distances (sum)")):  # fmt: skip
+                if phase in totals:
+                    phases[label].append(totals[phase])
+            if timings:
+                phases["launch to last evaluation"].append(max(s + t for _, s, t in timings))
+    lines = ["| phase of a run | runs | median s | largest s |", "|---|---|---|---|"]
+    lines += [f"| {label} | {len(values)} | {np.median(values):.1f} | {max(values):.1f} |"
+              for label, values in phases.items()]  # fmt: skip
+    return "\n".join(lines)
+
+
 def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -138,7 +169,7 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     paths.append(out / "grpo_reward.png")
     figure.tight_layout()
     figure.savefig(paths[-1], dpi=120)
-    table = markdown_table(results)
+    table = markdown_table(results) + "\n\nWhere the runs' time went:\n\n" + timing_table(results)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return paths

@@ -19,7 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     from shapes_geneval import CPU_ACTORS, PROFILES, run_protocol, share, soar_compute_ratio
-    from shapes_report import markdown_table, merge_results
+    from shapes_report import markdown_table, merge_results, timing_table
 
     profile = PROFILES["test"]
     results = run_protocol(tmp_path, "test", profile, parallel=3)
@@ -67,6 +67,8 @@ def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     phases = {what.split()[0] for what, _, _ in sft["timings"]}
     assert {"evaluation", "training", "eval", "fd"} == phases
     assert all(start >= 0 and took >= 0 for _, start, took in sft["timings"])
+    timing = timing_table(results)  # every run of the split: the base, 3 methods, 2 GRPO
+    assert "| training | 6 |" in timing and "| launch to last evaluation | 6 |" in timing
     table = markdown_table(results)
     assert "| soar-cfg4.5 | 1 |" in table and "GRPO from sft (split 0)" in table
     # One device call per split: their results merge into one report; a split twice is refused.
