@@ -198,14 +198,14 @@ def test_a_killed_actor_loses_no_batch(pool, want) -> None:
     images, prompts, rows = sample_batch()
     victim = pool.actors["ocr"][0]
     pid = ray.get(victim.pid.remote())
-    handle = pool.submit(images * 2, prompts * 2, rows * 2)
-    time.sleep(0.2)  # the victim is scoring its first call by now
+    handle = pool.submit(images * 8, prompts * 8, rows * 8)  # 12 or more calls an OCR actor
     calls = [c.ref for c in handle.calls if c.reward == "ocr" and c.actor == 0]
+    ray.wait(calls, num_returns=1, timeout=60)  # the victim is at work
     finished, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
     assert len(finished) < len(calls)
     ray.kill(victim, no_restart=False)  # the actor dies mid-batch; Ray restarts it
     out = handle.result(timeout=180)
-    check_output(out, {name: np.tile(scores, 2) for name, scores in want.items()})
+    check_output(out, {name: np.tile(scores, 8) for name, scores in want.items()})
     assert ray.get(victim.pid.remote()) != pid
 
 
