@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 10's GPU measurements on the lent device machine (no network; wheels carried in .whl/):
 # the sections named (default: all), each variant in a process of its own, one JSON line per
-# variant in $OUT/perf.jsonl and the summary table in $OUT/perf.md. Every number comes with the
-# card, the shape (resolution, text tokens, batch) and the date.
+# variant in $OUT/perf.jsonl, the summary table in $OUT/perf.md and the logs in $OUT/logs.tgz.
+# Every number comes with the card, the shape (resolution, text tokens, batch) and the date.
 #   soar     the SOAR learner step (benchmarks/profile_soar_step.py) at SD3.5-Medium shape, 512 px,
 #            4 images, 6 aux points, plain-torch engine: activation checkpointing on every block,
 #            on the first 12 or 6 of 24, off; at 333 and 154 text tokens; DeepSpeed ZeRO-2
@@ -27,6 +27,8 @@
 #   bash benchmarks/gpu_perf.sh soar          # one section a call: each takes minutes
 #   VARIANTS="zero2-12-333-compiled local-12-154-compiled" bash benchmarks/gpu_perf.sh compile
 #                                             # only the variants named (soar, compile, memory)
+#   bash benchmarks/device_detached.sh perf 570 bash benchmarks/gpu_perf.sh
+#                                             # every section in one run, across back-to-back calls
 set -uo pipefail
 source benchmarks/device_env.sh
 gpus=$(nvidia-smi -L | tee "$OUT/gpus.txt" | wc -l)
@@ -39,10 +41,12 @@ record() {  # name, JSON file: the file's object with the variant's name, append
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); r['variant']=sys.argv[2]; print(json.dumps(r))" \
     "$2" "$1" | tee -a "$OUT/perf.jsonl"
 }
-run() {  # name, seconds, command...: run it under a guard, its log kept under $OUT/logs
+logs=/tmp/perf-logs  # every variant's log; they come back as one $OUT/logs.tgz (a device call
+# brings back 8 files at most)
+run() {  # name, seconds, command...: run it under a guard, its log kept under $logs
   local name=$1 limit=$2; shift 2
-  mkdir -p "$OUT/logs"
-  timeout "$limit" "$@" > "$OUT/logs/$name.log" 2>&1 || { echo "$name failed: exit $?"; tail -15 "$OUT/logs/$name.log"; }
+  mkdir -p "$logs"
+  timeout "$limit" "$@" > "$logs/$name.log" 2>&1 || { echo "$name failed: exit $?"; tail -15 "$logs/$name.log"; }
 }
 measure() {  # name, seconds, JSON file, command...: run, then record the file it writes (a file
   # left by an earlier call on a still-warm machine is removed first, never recorded)
@@ -87,7 +91,7 @@ for section in $sections; do
         --preset sd35-medium --resolution 512 --precision bf16 --gpus 1 --pairs "$pairs" --cpus 4 \
         --reward-actors $((2 * pairs)) --reward-cpus 2 --steps 10 --group-size 24 --groups 2 \
         --batch-size 9 --updates 2 --epochs 4 --warmup 2 "${flags[@]}" --out "/tmp/perf-$section"
-      grep -v "^\s*$" "$OUT/logs/$section.log" | tail -6 ;;
+      grep -v "^\s*$" "$logs/$section.log" | tail -6 ;;
     scaling|scaling-1|scaling-2)
       counts=${section#scaling}; counts=${counts#-}
       [ "$gpus" -ge "${counts:-2}" ] || { echo "$section: needs ${counts:-2} GPUs, this machine has $gpus"; continue; }
@@ -181,4 +185,5 @@ for r in rows:
     if not r["variant"].startswith(("soar-", "memory-", "grpo")):
         print(f"\n{r['variant']}: {json.dumps(r)}")
 PY
+tar -czf "$OUT/logs.tgz" -C "$(dirname "$logs")" "$(basename "$logs")"
 cat "$OUT/perf.md"
