@@ -42,10 +42,9 @@ record() {  # name, JSON file: the file's object with the variant's name, append
     "$2" "$1" | tee -a "$OUT/perf.jsonl"
 }
 logs=/tmp/perf-logs  # every variant's log; they come back as one $OUT/logs.tgz (a device call
-# brings back 8 files at most)
+mkdir -p "$logs"     # brings back 8 files at most)
 run() {  # name, seconds, command...: run it under a guard, its log kept under $logs
   local name=$1 limit=$2; shift 2
-  mkdir -p "$logs"
   timeout "$limit" "$@" > "$logs/$name.log" 2>&1 || { echo "$name failed: exit $?"; tail -15 "$logs/$name.log"; }
 }
 measure() {  # name, seconds, JSON file, command...: run, then record the file it writes (a file
