@@ -96,9 +96,8 @@ def timing_table(results: dict[str, Any]) -> str:
         for run in filter(None, runs):
             timings = run.get("timings") or []
             totals: dict[str, float] = defaultdict(float)
-            for what, _, took in timings:
+            for what, start, took in timings:
                 totals[what.split()[0]] += took
-            for what, start, _ in timings:
                 if what == "training":
                     phases["launch to training"].append(start)
             for phase, label in (("evaluation", "evaluation session start"),
