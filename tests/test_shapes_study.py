@@ -70,12 +70,14 @@ def test_the_study_runs_every_phase_and_reports(ray_local, tmp_path):
     timing = timing_table(results)  # every run of the split: the base, 3 methods, 2 GRPO
     assert "| training | 6 |" in timing and "| launch to last evaluation | 6 |" in timing
     table = markdown_table(results)
-    assert "| soar-cfg4.5 | 1 |" in table and "GRPO from sft (split 0)" in table
+    assert (
+        "Split 0:" in table and "| soar-cfg4.5 | 1 |" in table and "| GRPO from sft | 1 |" in table
+    )
     # One device call per split: their results merge into one report; a split twice is refused.
     other = {**results, "splits": {"1": split}}
     merged = merge_results([results, other])
     assert merged["splits"] == {"0": split, "1": split}
-    assert "| soar-cfg4.5 | 2 |" in markdown_table(merged)
+    assert "Split 1:" in markdown_table(merged)
     with pytest.raises(SystemExit, match=r"split seed\(s\) \['0'\] appear in two results"):
         merge_results([results, results])
 
@@ -90,3 +92,30 @@ def test_shares_let_every_run_in_parallel_hold_its_actors_at_once():
     assert share(8, 16, CPU_ACTORS) == 0.4  # 16 CPUs / 40 actors
     assert share(4, 2, GPU_ACTORS) == 0.1666  # 2 / 12
     assert share(3, 2, CPU_ACTORS) == 0.1333  # the suite's Ray: 2 CPUs, 3 runs
+
+
+def test_the_report_compares_methods_within_each_split():
+    sys.path.insert(0, str(BENCHMARKS))
+    from shapes_report import markdown_table
+
+    def run(score: float) -> dict:
+        return {"final": {key: {"overall": score, "fd": 0.5} for key in ("held_out_40", "seen_40")}}
+
+    def split(sft: list[float], soar: list[float]) -> dict:
+        methods = {f"sft-seed{k}": run(v) for k, v in enumerate(sft)}
+        methods |= {f"soar-cfg2-seed{k}": run(v) for k, v in enumerate(soar)}
+        seconds = {"base": 10.0, "sft-seed0": 4.0, "sft-seed1": 6.0, "grpo-from-sft": 7.0}
+        return {"base": run(0.1), "methods": methods, "grpo": {"sft": run(0.9)}, "seconds": seconds}
+
+    results = {
+        "profile": {"eval_steps": [40]},
+        "splits": {"0": split([0.2, 0.4], [0.5, 0.5]), "1": split([0.6, 0.6], [0.5, 0.7])},
+    }
+    table = markdown_table(results)
+    # Split 0: SFT's two seeds 0.2 and 0.4 -> 0.300 ± 0.100 (ddof 0), trained 4 s and 6 s -> 5.
+    assert "| sft | 2 | 5 | 0.300 ± 0.100 | 0.300 ± 0.100 | 0.500 ± 0.000 |" in table
+    assert "| base | 1 | 10 | 0.100 | 0.100 | 0.500 |" in table
+    assert "| GRPO from sft | 1 | 7 | 0.900 | 0.900 | 0.500 |" in table
+    assert "| soar-cfg2 | 2 | - | 0.600 ± 0.100 | 0.600 ± 0.100 | 0.500 ± 0.000 |" in table
+    # The difference is read within each split: 0.5 - 0.3 and 0.6 - 0.6.
+    assert "| soar-cfg2 | +0.200 | +0.000 | +0.200 | +0.000 |" in table
