@@ -1,7 +1,9 @@
-"""Plots and tables of the shapes study (`benchmarks/shapes_geneval.py --phases report`): the
-held-out GenEval score against post-training step per method (mean +- std over seeds and split
-seeds, the base as a line), per-tag bars of the final scores, the GRPO reward curves, and a
-Markdown table (held-out and seen) for benchmarks/RESULTS.md. Needs matplotlib
+"""Plots and tables of the shapes study (`benchmarks/shapes_geneval.py --phases report`), each
+split seed on its own (its seeds share its world and base; pooling splits would measure the gap
+between them): the held-out GenEval score against post-training step per method (mean +- std over
+seeds, the base as a line), per-tag bars of the final scores, the GRPO reward curves with each
+GRPO checkpoint's held-out score, and Markdown tables for benchmarks/RESULTS.md (final scores per
+split, each method's difference from SFT, where the runs' time went). Needs matplotlib
 (`pip install matplotlib`)."""
 
 from __future__ import annotations
@@ -77,12 +79,11 @@ def difference_table(results: dict[str, Any], keys: list[str], against: str = "s
     lines = ["| method | " + " | ".join(f"{k.replace('_', ' ')}, split {seed}" for k in keys
                                      for seed in splits) + " |",
              "|" + "---|" * (1 + len(keys) * len(splits))]  # fmt: skip
-    methods = sorted({m for split in splits.values() for m in gather(split)} - {against})
-    for method in methods:
+    grouped = [gather(split) for split in splits.values()]
+    for method in sorted({m for runs in grouped for m in runs} - {against}):
         cells = []
         for key in keys:
-            for split in splits.values():
-                runs = gather(split)
+            for runs in grouped:
                 if method in runs and against in runs:
                     diff = final_values(runs[method], key).mean() - final_values(
                         runs[against], key).mean()  # fmt: skip
