@@ -120,8 +120,9 @@ def grid_file(name: str, step: int) -> str:
 
 
 def grid_tag(name: str) -> str:
-    """TensorBoard's image tag of a grid: evaluation grids under `eval`, the rest `samples`."""
-    return "eval" if "eval" in name else "samples"
+    """TensorBoard's image tag of a grid: evaluation grids (`<stage>-eval`) under `eval`, the rest
+    `samples` (a stage whose own name holds "eval" is still a stage)."""
+    return "eval" if name.endswith("-eval") else "samples"
 
 
 def rebuild_tensorboard(run_dir: Path, keep: Callable[[str, int], bool]) -> int:

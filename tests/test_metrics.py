@@ -64,3 +64,11 @@ def test_tensorboard_is_rewritten_from_the_rows_and_grids_a_resume_keeps(tmp_pat
     # The NaN auxiliary losses were nulls in metrics.jsonl: not written again.
     assert scalars == {"0-soar/loss": [(1, 0.125), (2, 0.25)]}
     assert images == {"samples": [2]}
+
+
+def test_a_grid_is_tagged_by_its_kind_not_by_its_stage_name():
+    from soar_ray.metrics import grid_tag
+
+    assert grid_tag("1-grpo-eval") == "eval"
+    # A stage the user named "eval-warmup" trains: its step grids are samples.
+    assert grid_tag("0-eval-warmup-step") == "samples" and grid_tag("1-grpo-epoch") == "samples"
