@@ -197,11 +197,14 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     for seed, split in splits.items():
         for start, grpo in split.get("grpo", {}).items():
             epochs, rewards = map(np.array, zip(*grpo["reward"]))
-            (line,) = reward_axis.plot(epochs, rewards, alpha=0.25)
-            if len(rewards) >= window:
+            label = f"from {start} (split {seed})"
+            smoothed = len(rewards) >= window
+            (line,) = reward_axis.plot(
+                epochs, rewards, alpha=0.25, label=None if smoothed else label
+            )
+            if smoothed:
                 smooth = np.convolve(rewards, np.ones(window) / window, mode="valid")
-                reward_axis.plot(epochs[window - 1:], smooth, color=line.get_color(),
-                                 label=f"from {start} (split {seed})")  # fmt: skip
+                reward_axis.plot(epochs[window - 1 :], smooth, color=line.get_color(), label=label)
             # GRPO starts from the first seed's run of its method: that run's score is epoch 0.
             origin = split["methods"][f"{start}-seed{first_seed}"]["final"][key]["overall"]
             score_axis.plot([0] + [p["step"] for p in grpo["curve"]],

@@ -94,24 +94,35 @@ def test_shares_let_every_run_in_parallel_hold_its_actors_at_once():
     assert share(3, 2, CPU_ACTORS) == 0.1333  # the suite's Ray: 2 CPUs, 3 runs
 
 
-def test_the_report_compares_methods_within_each_split():
-    sys.path.insert(0, str(BENCHMARKS))
-    from shapes_report import markdown_table
+def report_results() -> dict:
+    """Two split seeds of hand-set final scores, 2-point held-out curves and a 12-epoch GRPO run
+    from SFT's first seed."""
 
     def run(score: float) -> dict:
-        return {"final": {key: {"overall": score, "fd": 0.5} for key in ("held_out_40", "seen_40")}}
+        final = {key: {"overall": score, "fd": 0.5, "per_tag": {"counting": score}}
+                 for key in ("held_out_40", "seen_40")}  # fmt: skip
+        curve = [{"step": 1, "held_out": {"overall": score / 2}},
+                 {"step": 2, "held_out": final["held_out_40"]}]  # fmt: skip
+        return {"final": final, "curve": curve}
 
     def split(sft: list[float], soar: list[float]) -> dict:
         methods = {f"sft-seed{k}": run(v) for k, v in enumerate(sft)}
         methods |= {f"soar-cfg2-seed{k}": run(v) for k, v in enumerate(soar)}
         seconds = {"base": 10.0, "sft-seed0": 4.0, "sft-seed1": 6.0, "grpo-from-sft": 7.0}
-        return {"base": run(0.1), "methods": methods, "grpo": {"sft": run(0.9)}, "seconds": seconds}
+        grpo = run(0.9) | {"reward": [[epoch, 0.4 + epoch / 100] for epoch in range(1, 13)]}
+        return {"base": run(0.1), "methods": methods, "grpo": {"sft": grpo}, "seconds": seconds}
 
-    results = {
-        "profile": {"eval_steps": [40]},
+    return {
+        "profile": {"eval_steps": [40], "seeds": [0, 1]},
         "splits": {"0": split([0.2, 0.4], [0.5, 0.5]), "1": split([0.6, 0.6], [0.5, 0.7])},
     }
-    table = markdown_table(results)
+
+
+def test_the_report_compares_methods_within_each_split():
+    sys.path.insert(0, str(BENCHMARKS))
+    from shapes_report import markdown_table
+
+    table = markdown_table(report_results())
     # Split 0: SFT's two seeds 0.2 and 0.4 -> 0.300 ± 0.100 (ddof 0), trained 4 s and 6 s -> 5.
     assert "| sft | 2 | 5 | 0.300 ± 0.100 | 0.300 ± 0.100 | 0.500 ± 0.000 |" in table
     assert "| base | 1 | 10 | 0.100 | 0.100 | 0.500 |" in table
@@ -119,3 +130,16 @@ def test_the_report_compares_methods_within_each_split():
     assert "| soar-cfg2 | 2 | - | 0.600 ± 0.100 | 0.600 ± 0.100 | 0.500 ± 0.000 |" in table
     # The difference is read within each split: 0.5 - 0.3 and 0.6 - 0.6.
     assert "| soar-cfg2 | +0.200 | +0.000 | +0.200 | +0.000 |" in table
+
+
+def test_the_report_draws_its_plots_and_writes_its_table(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    from shapes_report import markdown_table, write_report
+
+    results = report_results()
+    paths = write_report(results, tmp_path)
+    assert [p.name for p in paths] == ["score_vs_step.png", "per_tag.png", "grpo_reward.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith(markdown_table(results)) and "Where the runs' time went:" in table
